@@ -1,0 +1,1 @@
+"""Lightning callbacks for KR models, importable as ``lightning_kr.callbacks``."""

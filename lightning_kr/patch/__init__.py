@@ -1,0 +1,1 @@
+"""Per-patch dynamic convolution (second seed): HybridDense, PatchDynamicConv2d, autoencoder."""
