@@ -1,0 +1,31 @@
+"""lightning-kr: dynamic convolution with Kernel Representation (KR) for PyTorch Lightning."""
+
+from lightning_kr.config import KRConfig
+from lightning_kr.convert import kr_convert
+from lightning_kr.kr_model import KRModel
+from lightning_kr.layers import (
+    FFTStem,
+    JointHead,
+    KernelGenerator,
+    KRConv2d,
+    KRLinear,
+    KRMultiheadAttention,
+    ReprChain,
+)
+from lightning_kr.report import ConversionReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConversionReport",
+    "FFTStem",
+    "JointHead",
+    "KRConfig",
+    "KRConv2d",
+    "KRLinear",
+    "KRModel",
+    "KRMultiheadAttention",
+    "KernelGenerator",
+    "ReprChain",
+    "kr_convert",
+]

@@ -1,0 +1,81 @@
+"""What every KR layer shares: candidate kernels taken from a static layer, and its place in the chain."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_kr.layers.repr_chain import ReprChain
+
+
+def candidates_from_static(weight: Tensor, kernel_num: int, noise: float) -> Tensor:
+    """``n`` candidate kernels that start from a static kernel.
+
+    ``W_n = W + eps_n`` with ``sum_n eps_n = 0``: the uniform mixture (kernel-number attention at
+    initialisation) is exactly ``W``, so pretrained weights carry over, while the candidates differ
+    and the kernel-number attention has a gradient to break their symmetry.
+
+    Args:
+        weight: static kernel of any shape ``S``.
+        kernel_num: ``n``.
+        noise: standard deviation of ``eps`` relative to the standard deviation of ``W``.
+
+    Returns:
+        (n, *S).
+    """
+    stacked = weight.detach().unsqueeze(0).repeat(kernel_num, *([1] * weight.dim())).clone()
+    if kernel_num > 1 and noise > 0:
+        scale = noise * weight.detach().float().std().clamp_min(1e-8)
+        eps = torch.randn_like(stacked, dtype=torch.float32) * scale
+        eps = eps - eps.mean(dim=0, keepdim=True)
+        stacked = stacked + eps.to(stacked.dtype)
+    return stacked
+
+
+class KRLayer(nn.Module):
+    """Base of :class:`KRConv2d`, :class:`KRLinear` and :class:`KRMultiheadAttention`.
+
+    A KR layer is attached to a :class:`ReprChain` by :func:`~lightning_kr.kr_convert` (or by hand with
+    :meth:`attach`). Its ``forward`` reads ``d_i`` from the chain and writes ``d_{i+1}``; the pure form
+    ``forward_with_repr(x, d) -> (y, d_next)`` needs no chain.
+    """
+
+    kr_name: str = ""
+
+    def attach(self, chain: ReprChain | None, name: str) -> None:
+        """Attach to ``chain`` under the qualified module name ``name`` (used in error messages)."""
+        # A plain attribute, not a submodule: the chain holds no parameters and must not be saved.
+        self.__dict__["_chain"] = chain
+        self.kr_name = name
+
+    @property
+    def chain(self) -> ReprChain | None:
+        return self.__dict__.get("_chain")
+
+    @property
+    def uses_repr(self) -> bool:
+        """Whether this layer reads and writes ``d`` (False in the ODConv / DyConv ablations)."""
+        return any(getattr(m, "represent", None) is not None for m in self.modules())
+
+    def read_repr(self, batch_size: int) -> Tensor | None:
+        if not self.uses_repr:
+            return None
+        chain = self.chain
+        if chain is None:
+            raise RuntimeError(
+                f"{type(self).__name__} '{self.kr_name or '?'}' uses a kernel representation but is "
+                "attached to no chain. Use it inside the model returned by kr_convert, call "
+                "layer.attach(chain, name), or call layer.forward_with_repr(x, d)."
+            )
+        return chain.read(self.kr_name or type(self).__name__, batch_size)
+
+    def write_repr(self, d: Tensor | None) -> None:
+        if d is not None and self.chain is not None:
+            self.chain.write(d)
+
+    def set_temperature(self, value: float) -> None:
+        """Set the attention temperature ``T`` of this layer's kernel generator(s)."""
+        for module in self.modules():
+            temperature = getattr(module, "temperature", None)
+            if isinstance(temperature, Tensor):
+                temperature.fill_(float(value))

@@ -1,0 +1,78 @@
+"""``ConversionReport``: what ``kr_convert`` replaced, what it skipped and why, with parameter counts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass
+class LayerDecision:
+    """One candidate module: its qualified name, type, what happened to it and why."""
+
+    name: str
+    kind: str
+    action: str  # "replaced" | "skipped"
+    reason: str
+    params_before: int
+    params_after: int
+
+
+@dataclass
+class ConversionReport:
+    """Every Conv/Linear/MultiheadAttention that ``kr_convert`` looked at, and the model totals.
+
+    ``params_after`` counts the converted backbone plus the FFT stem and the joint head.
+    """
+
+    decisions: list[LayerDecision] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+
+    @property
+    def replaced(self) -> list[LayerDecision]:
+        return [d for d in self.decisions if d.action == "replaced"]
+
+    @property
+    def skipped(self) -> list[LayerDecision]:
+        return [d for d in self.decisions if d.action == "skipped"]
+
+    def as_dict(self) -> dict:
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "decisions": [asdict(d) for d in self.decisions],
+        }
+
+    def __rich__(self) -> Table:
+        table = Table(
+            title=(
+                f"kr_convert: {len(self.replaced)} replaced, {len(self.skipped)} skipped; "
+                f"params {self.params_before / 1e6:.2f} M → {self.params_after / 1e6:.2f} M"
+            )
+        )
+        for column in ("layer", "type", "action", "params before", "params after", "reason"):
+            table.add_column(column, overflow="fold")
+        for d in self.decisions:
+            style = "green" if d.action == "replaced" else "yellow"
+            table.add_row(
+                d.name,
+                d.kind,
+                f"[{style}]{d.action}[/{style}]",
+                f"{d.params_before:,}",
+                f"{d.params_after:,}",
+                d.reason,
+            )
+        return table
+
+    def print(self, console: Console | None = None) -> None:
+        """Print the report as a rich table."""
+        (console or Console()).print(self)
+
+    def __str__(self) -> str:
+        console = Console(width=160, record=True, file=None)
+        with console.capture() as capture:
+            console.print(self)
+        return capture.get()
