@@ -145,7 +145,10 @@ def _probe(model: nn.Module, example: Tensor, names: dict[nn.Module, str]) -> _P
 
 
 def _example_input(
-    model: nn.Module, example_input: Tensor | None, input_size: int | tuple[int, int] | None, in_channels: int
+    model: nn.Module,
+    example_input: Tensor | None,
+    input_size: int | tuple[int, int] | None,
+    in_channels: int,
 ) -> Tensor:
     if example_input is not None:
         if example_input.dim() != 4:
@@ -154,7 +157,11 @@ def _example_input(
             )
         return example_input
     if input_size is None:
-        input_size = getattr(model, "image_size", None) or getattr(model, "transform_input_size", None) or 224
+        input_size = (
+            getattr(model, "image_size", None)
+            or getattr(model, "transform_input_size", None)
+            or 224
+        )
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
     reference = next(model.parameters())
     return torch.randn(2, in_channels, h, w, device=reference.device, dtype=reference.dtype)
@@ -248,9 +255,7 @@ def kr_convert(
     first = executed_layers[0] if executed_layers else None
     classifier = executed_layers[-1] if executed_layers else None
     inside_mha = {
-        f"{n}.out_proj"
-        for n, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
+        f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
     }
 
     decisions: list[LayerDecision] = []
@@ -270,8 +275,19 @@ def kr_convert(
                 else "subclass with its own forward: replacing it would change what it computes"
             )
             if explicit:
-                raise ValueError(f"cannot convert '{name}' ({kind}): {reason}; remove it from include")
-            decisions.append(LayerDecision(name, kind, "skipped", reason, count_parameters(module), count_parameters(module)))
+                raise ValueError(
+                    f"cannot convert '{name}' ({kind}): {reason}; remove it from include"
+                )
+            decisions.append(
+                LayerDecision(
+                    name,
+                    kind,
+                    "skipped",
+                    reason,
+                    count_parameters(module),
+                    count_parameters(module),
+                )
+            )
             continue
         if not isinstance(module, nn.Conv2d | nn.Linear | nn.MultiheadAttention):
             continue
@@ -283,7 +299,9 @@ def kr_convert(
         elif name == classifier:
             reason = "final classifier: kept as the feature branch of the joint head"
         elif name not in probe.batch_ok:
-            reason = "never called as a module in the probe pass (its parent reads its weights directly)"
+            reason = (
+                "never called as a module in the probe pass (its parent reads its weights directly)"
+            )
         elif not probe.batch_ok[name]:
             reason = "its input does not carry the batch on its first dimension (the model reshapes the batch)"
         elif isinstance(module, nn.MultiheadAttention) and (
@@ -293,8 +311,6 @@ def kr_convert(
             or module.add_zero_attn
         ):
             reason = "MultiheadAttention that is not plain self-attention (query is key is value)"
-        if reason is not None and explicit and name in (first, classifier):
-            raise ValueError(f"cannot convert '{name}': {reason}; remove it from include")
         if reason is None and include is not None and not explicit:
             reason = "not matched by include"
         if reason is None and _matches(name, exclude):
@@ -320,7 +336,9 @@ def kr_convert(
         if isinstance(module, nn.MultiheadAttention):
             new = KRMultiheadAttention.from_mha(module, init_noise=init_noise, **layer_options)
         elif isinstance(module, nn.Conv2d):
-            new = KRConv2d.from_conv(module, init_noise=init_noise, strategy=strategy, **layer_options)
+            new = KRConv2d.from_conv(
+                module, init_noise=init_noise, strategy=strategy, **layer_options
+            )
         else:
             new = KRLinear.from_linear(module, init_noise=init_noise, **layer_options)
         _set_submodule(model, name, new)

@@ -118,7 +118,9 @@ class KRModel(nn.Module):
             if state["config"].get(key) != value
         }
         if differing:
-            details = ", ".join(f"{k}: checkpoint={a!r}, this model={b!r}" for k, (a, b) in differing.items())
+            details = ", ".join(
+                f"{k}: checkpoint={a!r}, this model={b!r}" for k, (a, b) in differing.items()
+            )
             raise RuntimeError(
                 f"this state_dict was saved from a model converted with other KR options ({details}). "
                 "Convert the model with the checkpoint's options: kr_convert(arch(), **options)."

@@ -51,7 +51,7 @@ def choose_strategy(
     """
     if not has_kernel_att and not has_spatial_att:
         return "shared"
-    _, c_out, c_in_g, kh, kw = weight_shape
+    _, c_out, _c_in_g, _kh, _kw = weight_shape
     positions = out_hw[0] * out_hw[1]
     if not has_kernel_att:
         # n = 1, spatial attention only: scaling im2col columns costs C·k²·L per sample, a per-sample
@@ -127,8 +127,8 @@ def dynamic_conv2d(
     Returns:
         (B, C_out, H', W').
     """
-    batch, c_in, height, width = x.shape
-    n, c_out, c_in_g, kh, kw = weight.shape
+    batch, c_in = x.shape[:2]
+    _n, c_out, c_in_g, kh, kw = weight.shape
     if channel_att is not None:
         x = x * channel_att.to(x.dtype)[:, :, None, None]
     top, bottom, left, right = padding
@@ -136,6 +136,7 @@ def dynamic_conv2d(
     if not symmetric:
         x = F.pad(x, (left, right, top, bottom))
         top = bottom = left = right = 0
+    height, width = x.shape[-2:]
     out_h = conv_output_size(height, kh, stride[0], (top, bottom), dilation[0])
     out_w = conv_output_size(width, kw, stride[1], (left, right), dilation[1])
     if strategy == "auto":

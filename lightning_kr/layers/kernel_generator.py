@@ -125,7 +125,9 @@ class KernelGenerator(nn.Module):
         )
         self.summary = summary
         self.summary_bins = summary_bins
-        summary_size = sum(self._summary_size(kind, h.out_features) for kind, h in self.heads.items())
+        summary_size = sum(
+            self._summary_size(kind, h.out_features) for kind, h in self.heads.items()
+        )
         self.represent = (
             nn.Sequential(nn.Linear(self.hidden + summary_size, repr_dim), nn.LayerNorm(repr_dim))
             if repr_dim > 0

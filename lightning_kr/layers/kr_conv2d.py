@@ -94,7 +94,9 @@ class KRConv2d(KRLayer):
         self.kernel_num = kernel_num
         self.strategy = strategy
         if padding == "same" and self.stride != (1, 1):
-            raise ValueError("padding='same' is not supported for strided convolutions (as nn.Conv2d)")
+            raise ValueError(
+                "padding='same' is not supported for strided convolutions (as nn.Conv2d)"
+            )
         self._padding = _resolve_padding(padding, self.kernel_size, self.dilation)
         kh, kw = self.kernel_size
         self.weight = nn.Parameter(

@@ -1,0 +1,55 @@
+"""Naive per-sample references the fast implementations are tested against."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_kr.layers.kernel_generator import Attentions
+
+
+def per_sample_kernels(weight: Tensor, att: Attentions, groups: int) -> Tensor:
+    """W_b = sum_n a_kn[b,n] · a_s[b] ⊙ a_c[b] ⊙ a_f[b] ⊙ W_n, built explicitly: (B, O, I/g, kh, kw)."""
+    n, c_out, c_in_g, kh, kw = weight.shape
+    batch = next(
+        a for a in (att.channel, att.filter, att.spatial, att.kernel) if a is not None
+    ).shape[0]
+    kernels = []
+    for b in range(batch):
+        k = torch.zeros(c_out, c_in_g, kh, kw, dtype=weight.dtype)
+        for i in range(n):
+            w = weight[i].clone()
+            if att.kernel is not None:
+                w = w * att.kernel[b, i]
+            k = k + w
+        if att.spatial is not None:
+            k = k * att.spatial[b].view(1, 1, kh, kw)
+        if att.channel is not None:
+            # input channel of weight[o, j] is (o // (O/g)) * (I/g) + j
+            group_of_out = torch.arange(c_out) // (c_out // groups)
+            in_index = group_of_out[:, None] * c_in_g + torch.arange(c_in_g)[None, :]
+            k = k * att.channel[b][in_index][:, :, None, None]
+        if att.filter is not None:
+            k = k * att.filter[b].view(c_out, 1, 1, 1)
+        kernels.append(k)
+    return torch.stack(kernels)
+
+
+def naive_dynamic_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    att: Attentions,
+    bias: Tensor | None,
+    stride,
+    padding,
+    dilation,
+    groups,
+) -> Tensor:
+    """One F.conv2d per sample with its explicit kernel."""
+    kernels = per_sample_kernels(weight, att, groups)
+    outs = [
+        F.conv2d(x[b : b + 1], kernels[b], bias, stride, padding, dilation, groups)
+        for b in range(x.shape[0])
+    ]
+    return torch.cat(outs)
