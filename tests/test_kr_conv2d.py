@@ -48,12 +48,15 @@ def _forced_ones(forward):
 
 
 def _applicable(kernel_num: int, case: tuple, strategy: str) -> bool:
-    """'shared' needs no per-sample kernel (n = 1, 1x1); 'tap_scaled' needs n = 1."""
+    """'shared' needs no per-sample kernel (n = 1, 1x1); 'tap_scaled' needs n = 1;
+    'taps' needs stride 1 and groups 1."""
     one_by_one = case[2] == 1
     if strategy == "shared":
         return kernel_num == 1 and one_by_one
     if strategy == "tap_scaled":
         return kernel_num == 1
+    if strategy == "taps":
+        return case[3] == 1 and case[6] == 1
     return True
 
 

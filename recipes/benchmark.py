@@ -1,0 +1,349 @@
+"""Speed, memory, MACs and parameters of KR models against their static architecture.
+
+    python recipes/benchmark.py                       # resnet18, CPU (and CUDA when present)
+    python recipes/benchmark.py --arch mobilenet_v2_050 --json out.json
+    python recipes/benchmark.py --arch vit_tiny --configs static kr_1x kr_4x
+
+Every configuration is built in one process and timed side by side: for each figure the
+configurations take turns, repetition after repetition (so drifting machine load hits all of them
+alike), after warm-up; the median is reported. Peak train memory is measured for each configuration
+in a process of its own (CPU: growth of the peak resident set over one training step; CUDA:
+``torch.cuda.max_memory_allocated``). MACs are counted with fvcore by
+:func:`lightning_kr.callbacks.mac_count.count_macs` (every operator of the KR layers, the FFT stem and
+the joint head has a handle).
+
+Configurations: ``static`` (the torchvision model), ``kr_1x`` / ``kr_4x`` (``kr_convert`` with 1 or 4
+candidate kernels), ``odconv_1x`` / ``odconv_4x`` (the "KR off" ablation), ``reference_1x`` /
+``reference_4x`` (KR computed by the textbook method: full per-sample kernels through one
+``groups = B`` convolution, as ODConv's code does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import date
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from lightning_kr import kr_convert
+from lightning_kr.models import build_model
+
+CONFIGS: dict[str, dict[str, Any] | None] = {
+    "static": None,
+    "kr_1x": {"kernel_num": 1},
+    "kr_4x": {"kernel_num": 4},
+    "odconv_1x": {"kernel_num": 1, "mode": "odconv"},
+    "odconv_4x": {"kernel_num": 4, "mode": "odconv"},
+    "reference_1x": {"kernel_num": 1, "strategy": "reference"},
+    "reference_4x": {"kernel_num": 4, "strategy": "reference"},
+}
+
+# The speed issue's targets for kr_convert(resnet18()) (ratios to static; MACs in G; params in M).
+RESNET18_TARGETS = {
+    "kr_1x": {
+        "infer": 1.3,
+        "train": 1.4,
+        "infer_b1": 1.3,
+        "memory": 1.3,
+        "gmacs": 1.85,
+        "params_m": 12.0,
+    },
+    "kr_4x": {
+        "infer": 2.0,
+        "train": 2.2,
+        "infer_b1": 1.6,
+        "memory": 1.6,
+        "gmacs": 1.93,
+        "params_m": 45.0,
+    },
+}
+
+
+def build(arch: str, config: str, size: int, device: torch.device) -> nn.Module:
+    """The model of one configuration, on ``device``."""
+    torch.manual_seed(0)
+    static = build_model(arch, num_classes=1000, image_size=size)
+    options = CONFIGS[config]
+    model = static if options is None else kr_convert(static, input_size=size, **options)
+    return model.to(device)
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Forward and backward (no optimiser step), gradients cleared first."""
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(logits_of(model(images)), labels).backward()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_side_by_side(
+    runs: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Median seconds of each callable; configurations take turns in every repetition."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def peak_train_memory(arch: str, config: str, size: int, batch: int, device: torch.device) -> int:
+    """Peak memory (bytes) of one training step, measured in a process of its own."""
+    command = [
+        sys.executable, __file__, "--memory-child", config, "--arch", arch, "--size", str(size),
+        "--memory-batch", str(batch), "--device", device.type,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory measurement of {config} failed:\n{result.stderr[-2000:]}")
+    return int(json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def _memory_child(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    model = build(args.arch, args.memory_child, args.size, device).train()
+    images = torch.randn(args.memory_batch, 3, args.size, args.size, device=device)
+    labels = torch.randint(0, 1000, (args.memory_batch,), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        train_step(model, images, labels)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        # How far one step raises the resident set over the ready-to-train state. Linux lets a
+        # process reset its peak (VmHWM) by writing 5 to /proc/self/clear_refs.
+        gc.collect()
+        base = _reset_peak_rss()
+        train_step(model, images, labels)
+        peak = _peak_rss() - base
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> int:
+    """Reset the peak resident set (where the OS allows) and return the current one, in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss() -> int:
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def count_gmacs(model: nn.Module, size: int, device: torch.device) -> float:
+    from lightning_kr.callbacks.mac_count import count_macs
+
+    result = count_macs(model, torch.randn(1, 3, size, size, device=device))
+    if result.unsupported:
+        Console(stderr=True).print(f"[yellow]uncounted operators: {result.unsupported}[/yellow]")
+    return result.total / 1e9
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
+    torch.manual_seed(0)
+    models = {c: build(args.arch, c, args.size, device) for c in args.configs}
+    size = args.size
+    batch_images = torch.randn(args.batch, 3, size, size, device=device)
+    one_image = batch_images[:1].contiguous()
+    train_images = torch.randn(args.train_batch, 3, size, size, device=device)
+    train_labels = torch.randint(0, 1000, (args.train_batch,), device=device)
+
+    def infer(model: nn.Module, images: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():
+                model(images)
+
+        return run
+
+    results: dict[str, dict[str, float]] = {c: {} for c in models}
+    for model in models.values():
+        model.eval()
+    for name, seconds in time_side_by_side(
+        {c: infer(m, batch_images) for c, m in models.items()}, device, args.warmup, args.repeats
+    ).items():
+        results[name]["infer_s"] = seconds
+    for name, seconds in time_side_by_side(
+        {c: infer(m, one_image) for c, m in models.items()}, device, args.warmup, args.repeats * 3
+    ).items():
+        results[name]["infer_b1_s"] = seconds
+    for model in models.values():
+        model.train()
+    for name, seconds in time_side_by_side(
+        {c: (lambda m=m: train_step(m, train_images, train_labels)) for c, m in models.items()},
+        device,
+        args.warmup,
+        args.repeats,
+    ).items():
+        results[name]["train_s"] = seconds
+    for config, model in models.items():
+        model.eval()
+        results[config]["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        if not args.no_macs:
+            results[config]["gmacs"] = count_gmacs(model, size, device)
+    del models
+    if not args.no_memory:
+        for config in args.configs:
+            results[config]["memory_bytes"] = peak_train_memory(
+                args.arch, config, size, args.memory_batch, device
+            )
+    return results
+
+
+def render(
+    results: dict[str, dict[str, float]], args: argparse.Namespace, device: torch.device
+) -> Table:
+    static = results.get("static", {})
+    targets = RESNET18_TARGETS if args.arch == "resnet18" else {}
+    title = (
+        f"{args.arch} on {device_name(device)}, {date.today().isoformat()}: inference batch "
+        f"{args.batch}, train step batch {args.train_batch}, memory batch {args.memory_batch}, "
+        f"{args.size}², median of {args.repeats}"
+    )
+    table = Table(title=title)
+    columns = [
+        ("infer_s", f"inference b{args.batch}", "infer"),
+        ("train_s", f"train step b{args.train_batch}", "train"),
+        ("infer_b1_s", "inference b1", "infer_b1"),
+        ("memory_bytes", f"peak train memory b{args.memory_batch}", "memory"),
+    ]
+    table.add_column("config")
+    for _, header, _ in columns:
+        table.add_column(header, justify="right")
+    table.add_column("GMACs", justify="right")
+    table.add_column("params (M)", justify="right")
+    for config, row in results.items():
+        cells = [config]
+        for key, _, target_key in columns:
+            if key not in row:
+                cells.append("-")
+                continue
+            value = row[key]
+            absolute = (
+                f"{value / 2**30:.2f} GiB" if key == "memory_bytes" else f"{value * 1e3:.0f} ms"
+            )
+            if config == "static" or key not in static:
+                cells.append(absolute)
+                continue
+            ratio = value / max(static[key], 1e-12)
+            target = targets.get(config, {}).get(target_key)
+            mark = "" if target is None else (" ✓" if ratio <= target else f" ✗ (≤{target})")
+            cells.append(f"{ratio:.2f}x{mark}")
+        gmacs = row.get("gmacs")
+        target = targets.get(config, {}).get("gmacs")
+        mark = (
+            ""
+            if gmacs is None or target is None
+            else (" ✓" if gmacs <= target else f" ✗ (≤{target})")
+        )
+        cells.append("-" if gmacs is None else f"{gmacs:.3f}{mark}")
+        target = targets.get(config, {}).get("params_m")
+        mark = "" if target is None else (" ✓" if row["params_m"] <= target else f" ✗ (≤{target})")
+        cells.append(f"{row['params_m']:.2f}{mark}")
+        table.add_row(*cells)
+    return table
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--arch", default="resnet18", help="torchvision builder, vit_tiny or mobilenet_v2_050"
+    )
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=32, help="inference batch")
+    parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--memory-batch", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (every available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-macs", action="store_true")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if "static" not in args.configs:
+        args.configs = ["static", *args.configs]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        _memory_child(args)
+        return {}
+    if args.device == "auto":
+        devices = [torch.device("cpu")] + (
+            [torch.device("cuda")] if torch.cuda.is_available() else []
+        )
+    else:
+        devices = [torch.device(args.device)]
+    console = Console()
+    report: dict[str, Any] = {"arch": args.arch, "date": date.today().isoformat(), "runs": []}
+    for device in devices:
+        results = measure(args, device)
+        console.print(render(results, args, device))
+        report["runs"].append({"device": device_name(device), "results": results})
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+        console.print(f"figures written to {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
