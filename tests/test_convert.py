@@ -237,3 +237,11 @@ def test_temperature():
     model.set_temperature(30.0)
     assert model.temperature == 30.0
     assert all(float(layer.generator.temperature) == 30.0 for _, layer in model.kr_layers())
+
+
+def test_torch_compile_inference_matches_eager():
+    model = small_resnet(kernel_num=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)

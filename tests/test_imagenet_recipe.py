@@ -1,0 +1,190 @@
+"""`recipes/imagenet.py`: the embedded default run, the rows' configs, DDP, resume, ImageNet folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))
+
+import imagenet as recipe  # noqa: E402
+
+ROWS = sorted((REPO / "recipes" / "configs").glob("*_*x.yaml")) + sorted(
+    (REPO / "recipes" / "configs").glob("*_static.yaml")
+)
+QUICK = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=2",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.callbacks=[]",
+    "--flops.print_table=false",
+    "--data.init_args.batch_size=16",
+]
+
+
+def quick(tmp_path: Path, *extra: str) -> list[str]:
+    return ["fit", *QUICK, f"--trainer.logger.init_args.save_dir={tmp_path}", *extra]
+
+
+def printed_config(capsys, *args: str) -> dict:
+    with pytest.raises(SystemExit) as exit_:
+        recipe.main([*args, "--print_config"])
+    assert exit_.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_print_config_shows_the_embedded_default_and_the_kr_callbacks(capsys) -> None:
+    config = printed_config(capsys, "fit")
+    assert config["data"]["class_path"] == "lightning_kr.data.DigitsDataModule"
+    assert config["model"]["model"] == "resnet18" and config["model"]["mode"] == "kr"
+    assert config["temperature"]["start"] == 30.0
+    assert {"flops", "embeddings", "checkpoint", "skipped_images"} <= set(config)
+    callbacks = [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]]
+    assert {"RichProgressBar", "RichModelSummary"} <= set(callbacks)
+    assert config["checkpoint"]["save_last"] is True
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda path: path.stem)
+def test_every_row_config_parses_with_its_published_recipe(capsys, row: Path) -> None:
+    config = printed_config(capsys, "fit", f"--config={row}")
+    arch, variant = row.stem.rsplit("_", 1)[0], row.stem.rsplit("_", 1)[1]
+    mode = "static" if variant == "static" else row.stem.split("_")[-2]
+    model = config["model"]
+    assert model["mode"] == mode
+    assert model["kernel_num"] == (4 if variant == "4x" else 1)
+    assert config["data"]["class_path"] == "lightning_kr.data.ImageNetDataModule"
+    assert config["data"]["init_args"]["image_size"] == 224
+    assert config["trainer"]["logger"]["init_args"]["name"] == f"imagenet_{row.stem}"
+    expected = {  # (model, optimiser, lr, weight decay, epochs)
+        "resnet18": ("resnet18", "sgd", 0.1, 1e-4, 100),
+        "mobilenet_v2_050": ("mobilenet_v2_050", "sgd", 0.05, 4e-5, 150),
+        "vit_tiny": ("vit_tiny", "adamw", 1e-3, 0.05, 300),
+    }[arch.removesuffix("_kr").removesuffix("_odconv")]
+    assert (
+        model["model"], model["optimizer"], model["lr"], model["weight_decay"],
+        config["trainer"]["max_epochs"],
+    ) == expected
+    assert "Poster:" in row.read_text() and "github.com/" in row.read_text()
+
+
+def test_fit_on_the_embedded_default_writes_logs_checkpoint_config_and_table(
+    tmp_path, capsys
+) -> None:
+    cli = recipe.main(quick(tmp_path))
+    out = capsys.readouterr().out
+    assert "embedded default" in out and "--data.root" in out  # said in the first lines
+    assert out.index("embedded default") < out.index("fit: resnet18")
+    for figure in ("top-1 accuracy", "parameters", "MACs overhead", "throughput"):
+        assert figure in out
+    run = Path(cli.trainer.log_dir)
+    assert run.parent == tmp_path / "digits_resnet18_kr_1x"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["mode"] == "kr"
+    assert any(path.name.startswith("events.out.tfevents") for path in run.iterdir())
+    results = json.loads((run / "results_fit.json").read_text())
+    assert 0.0 <= results["acc_top1"] <= 1.0
+    assert results["flops/kr_gmacs"] > results["flops/static_gmacs"] > 0
+    assert results["params_m"] > results["params_static_m"]
+    assert results["train_images_per_second"] > 0
+
+
+def test_static_baseline_leaves_out_the_kr_only_callbacks(tmp_path, capsys) -> None:
+    cli = recipe.main(quick(tmp_path, "--model.mode=static"))
+    names = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert "TemperatureAnnealing" not in names and "FlopsOverhead" in names
+    assert "left out" in capsys.readouterr().out
+    assert cli.results["params_m"] == pytest.approx(cli.results["params_static_m"])
+
+
+def test_resume_continues_the_same_run(tmp_path) -> None:
+    first = recipe.main(quick(tmp_path))
+    run, steps = Path(first.trainer.log_dir), first.trainer.global_step
+    temperature = first.model.kr_model.temperature
+    second = recipe.main(quick(tmp_path, "--trainer.max_epochs=2", "--ckpt_path=last"))
+    assert Path(second.trainer.log_dir) == run  # the same folder, not version_1
+    assert second.trainer.current_epoch == 2
+    assert second.trainer.global_step == 2 * steps  # the optimiser and scheduler went on
+    scheduler = second.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 2 * steps
+    annealing = next(c for c in second.trainer.callbacks if type(c).__name__ == "TemperatureAnnealing")
+    assert annealing.batches == 2 * steps
+    assert second.model.kr_model.temperature <= temperature
+    assert (run / "config.yaml").is_file()
+
+
+def test_ddp_two_cpu_processes_on_the_embedded_default(tmp_path) -> None:
+    command = [
+        sys.executable,
+        str(REPO / "recipes" / "imagenet.py"),
+        *quick(
+            tmp_path,
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            "--embeddings.every_n_epochs=1",
+            "--embeddings.max_samples=32",
+        ),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = list((tmp_path / "digits_resnet18_kr_1x").glob("version_*"))
+    assert len(runs) == 1  # both processes wrote into one run
+    results = json.loads((runs[0] / "results_fit.json").read_text())
+    assert results["devices"] == 2
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+    assert (runs[0] / "kernel_embeddings").is_dir()
+
+
+def test_imagenet_row_without_data_explains_the_layout(tmp_path) -> None:
+    row = REPO / "recipes" / "configs" / "resnet18_kr_1x.yaml"
+    with pytest.raises(FileNotFoundError, match="ImageFolder layout"):
+        recipe.main(["fit", f"--config={row}", f"--data.root={tmp_path / 'nowhere'}"])
+
+
+def test_imagenet_row_trains_on_a_folder_in_imagenet_layout(tmp_path, capsys) -> None:
+    root = tmp_path / "imagenet"
+    for index, cls in enumerate(("n01", "n02", "n03")):
+        for split, count in (("train", 8), ("val", 4)):
+            for i in range(count):
+                path = root / split / cls / f"{i}.JPEG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (48, 40), (80 * index, 40, 200 - 60 * index)).save(path)
+    (root / "train" / "n01" / "broken.JPEG").write_bytes(b"not an image")
+    row = REPO / "recipes" / "configs" / "resnet18_kr_1x.yaml"
+    cli = recipe.main(
+        [
+            "fit",
+            f"--config={row}",
+            f"--data.root={root}",
+            "--data.image_size=32",
+            "--data.resize_size=36",
+            "--data.batch_size=5",
+            "--data.num_workers=0",
+            "--data.pin_memory=false",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.strategy=auto",
+            "--trainer.precision=32-true",
+            "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks=[]",
+            "--flops.print_table=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        ]
+    )
+    assert cli.model.num_classes == 3 and cli.model.hparams.image_size == 32
+    assert cli.results["acc_top1"] is not None and cli.results["acc_top5"] is None
+    assert cli.trainer.callback_metrics["data/skipped_images_train"] >= 0
+    assert cli.trainer.global_step == 5  # 25 files, 1 unreadable, batches of 5, last dropped
