@@ -15,6 +15,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         spatial = torch.rand(args.batch, kernel * kernel) if kernel > 1 else None
         with torch.no_grad():
             static_w = torch.randn(c_out, c_in, kernel, kernel)
-            static = bench(lambda: F.conv2d(x, static_w, None, stride, pad), args.repeats, clock)
+            static = bench(partial(F.conv2d, x, static_w, None, stride, pad), args.repeats, clock)
             cells = [
                 f"{c_in}→{c_out}, {side}², s{stride}, {kernel}x{kernel}",
                 f"{static * 1e3:.1f} ms",
@@ -114,15 +115,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     if not applicable(strategy, n, stride, kernel):
                         cells.append("")
                         continue
-                    seconds = bench(
-                        lambda w=weight, k=kernel_att, s=strategy: dynamic_conv2d(
-                            x, w, channel_att=None, filter_att=None, spatial_att=spatial,
-                            kernel_att=k, bias=None, stride=(stride, stride),
-                            padding=(pad, pad, pad, pad), dilation=(1, 1), groups=1, strategy=s,
-                        ),
-                        args.repeats,
-                        clock,
+                    layer = partial(
+                        dynamic_conv2d, x, weight, channel_att=None, filter_att=None,
+                        spatial_att=spatial, kernel_att=kernel_att, bias=None,
+                        stride=(stride, stride), padding=(pad, pad, pad, pad), dilation=(1, 1),
+                        groups=1, strategy=strategy,
                     )  # fmt: skip
+                    seconds = bench(layer, args.repeats, clock)
                     ratio = seconds / static
                     row[f"{n}x_{strategy}"] = ratio
                     cells.append(
