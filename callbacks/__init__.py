@@ -1,1 +1,21 @@
-"""Lightning callbacks for KR models, importable as ``lightning_kr.callbacks``."""
+"""Lightning callbacks for KR models, importable as ``lightning_kr.callbacks``.
+
+Each works with any ``LightningModule`` that contains a model converted by ``kr_convert`` (and, for
+``FlopsOverhead`` and the features of ``KernelEmbeddings``, with any model at all), under
+single-device and multi-process DDP training alike.
+"""
+
+from .flops_overhead import FlopsOverhead
+from .kernel_embeddings import KernelEmbeddings
+from .mac_count import MacCount, MacOverhead, count_macs, count_overhead
+from .temperature_annealing import TemperatureAnnealing
+
+__all__ = [
+    "FlopsOverhead",
+    "KernelEmbeddings",
+    "MacCount",
+    "MacOverhead",
+    "TemperatureAnnealing",
+    "count_macs",
+    "count_overhead",
+]

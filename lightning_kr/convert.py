@@ -355,7 +355,9 @@ def kr_convert(
 
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     decisions.sort(key=lambda d: order.get(d.name, len(order)))
-    report = ConversionReport(decisions=decisions, params_before=params_before)
+    report = ConversionReport(
+        decisions=decisions, params_before=params_before, first_layer=first, classifier=classifier
+    )
     kr_model = KRModel(model, config, probe.num_classes, in_channels, report)
     kr_model.to(dtype=example.dtype)
     report.params_after = count_parameters(kr_model)

@@ -30,6 +30,8 @@ class ConversionReport:
     decisions: list[LayerDecision] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
+    first_layer: str | None = None  # the stem / patch embedding left static
+    classifier: str | None = None  # the final classifier: the joint head's feature branch
 
     @property
     def replaced(self) -> list[LayerDecision]:
@@ -43,6 +45,8 @@ class ConversionReport:
         return {
             "params_before": self.params_before,
             "params_after": self.params_after,
+            "first_layer": self.first_layer,
+            "classifier": self.classifier,
             "decisions": [asdict(d) for d in self.decisions],
         }
 

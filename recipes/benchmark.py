@@ -250,7 +250,7 @@ def render(
         ("infer_b1_s", "inference b1", "infer_b1"),
         ("memory_bytes", f"peak train memory b{args.memory_batch}", "memory"),
     ]
-    table.add_column("config")
+    table.add_column("config", no_wrap=True)
     for _, header, _ in columns:
         table.add_column(header, justify="right")
     table.add_column("GMACs", justify="right")
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     else:
         devices = [torch.device(args.device)]
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     report: dict[str, Any] = {"arch": args.arch, "date": date.today().isoformat(), "runs": []}
     for device in devices:
         results = measure(args, device)

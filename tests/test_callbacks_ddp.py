@@ -23,11 +23,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning_kr.callbacks import FlopsOverhead, KernelEmbeddings, TemperatureAnnealing
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models import resnet18
 
 from lightning_kr import kr_convert
-from lightning_kr.callbacks import FlopsOverhead, KernelEmbeddings, TemperatureAnnealing
 
 NUM_CLASSES, SIZE, BATCH = 4, 32, 4
 N_TRAIN, N_VAL = 16, 13  # 13 is odd: DistributedSampler pads rank 1 with a copy of sample 0
@@ -181,7 +181,11 @@ def check_each_sample_once(root: Path, model: ConvertedResNet) -> None:
 def test_all_callbacks_on_two_process_ddp(ddp_run):
     root, model, trainer = ddp_run
     check_callback_outputs(root, model)
+    # ddp_spawn sends rank zero's callback_metrics back to this process.
     assert trainer.callback_metrics["kr/temperature"] == pytest.approx(1.0)
+    metrics = read_metrics(root)
+    for key in ("flops/kr_gmacs", "flops/overhead_pct"):
+        assert float(trainer.callback_metrics[key]) == pytest.approx(metrics[key][0][1], rel=1e-5)
     projector = next(root.glob("lightning_logs/version_*/projector_config.pbtxt")).read_text()
     assert "kernel_embeddings/kernels" in projector
 

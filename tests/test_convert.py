@@ -22,6 +22,7 @@ def test_resnet18_conversion_and_report():
     skipped = {d.name: d.reason for d in model.report.skipped}
     assert len(replaced) == 19 and "layer2.0.downsample.0" in replaced
     assert "first layer" in skipped["conv1"] and "final classifier" in skipped["fc"]
+    assert model.report.first_layer == "conv1" and model.report.classifier == "fc"
     assert isinstance(model.backbone.layer1[0].conv1, KRConv2d)
     assert isinstance(static.layer1[0].conv1, nn.Conv2d), "a copy is converted by default"
     assert model.report.params_after > model.report.params_before
@@ -239,7 +240,28 @@ def test_temperature():
     assert all(float(layer.generator.temperature) == 30.0 for _, layer in model.kr_layers())
 
 
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(self.stem(x).relu()).mean((2, 3)))
+
+
 def test_torch_compile_inference_matches_eager():
+    model = kr_convert(TinyNet(), input_size=16, kernel_num=4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    # aot_eager: Dynamo's capture and AOTAutograd without C++ code generation (CI-sized).
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_resnet_inference_matches_eager():
     model = small_resnet(kernel_num=4).eval()
     x = torch.randn(2, 3, 32, 32)
     compiled = torch.compile(model)

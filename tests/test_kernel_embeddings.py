@@ -154,6 +154,16 @@ def test_features_of_a_module_without_kr_layers(tmp_path):
         fit(Module(convert=False), KernelEmbeddings(), tmp_path)
 
 
+def test_trainer_validate_alone(tmp_path):
+    callback = KernelEmbeddings(depths=[1, 2], dirpath=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, callbacks=[callback], enable_progress_bar=False
+    )
+    trainer.validate(Module(), DataLoader(Blobs(), batch_size=10))
+    assert callback.last["kernels"].shape == (N_VAL, 2 * D)
+    assert (tmp_path / "tsne_epoch_000.png").is_file()
+
+
 def test_misuse_raises_with_a_fix(tmp_path):
     with pytest.raises(MisconfigurationException, match="matched no KR layer"):
         fit(Module(), KernelEmbeddings(layers=["layer9"]), tmp_path)

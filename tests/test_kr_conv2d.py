@@ -178,3 +178,20 @@ def test_to_static_round_trip():
     static = kr.to_static()
     torch.testing.assert_close(static.weight, conv.weight)
     torch.testing.assert_close(static.bias, conv.bias)
+
+
+def test_taps_strategy_traces_with_the_same_result():
+    layer = KRConv2d(4, 6, 3, padding=1, repr_dim=0, strategy="taps").eval()
+    x = torch.randn(2, 4, 5, 5)
+    eager = layer.forward_with_repr(x, None)[0]
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, t):
+            return self.layer.forward_with_repr(t, None)[0]
+
+    traced = torch.jit.trace(Wrapper(), x)
+    torch.testing.assert_close(traced(x), eager)

@@ -268,7 +268,12 @@ def _taps_conv(
     ]
     if spatial_att is None:
         spatial_att = partial.new_ones(batch, taps)
-    y = ShiftSum.apply(partial, spatial_att.to(partial.dtype), offsets, out_hw)
+    if (
+        torch.jit.is_tracing()
+    ):  # tracers (fvcore, TorchScript export) cannot record custom Functions
+        y = _shift_sum_traceable(partial, spatial_att.to(partial.dtype), offsets, out_hw)
+    else:
+        y = ShiftSum.apply(partial, spatial_att.to(partial.dtype), offsets, out_hw)
     return y.permute(0, 3, 1, 2)
 
 
@@ -326,6 +331,26 @@ class ShiftSum(torch.autograd.Function):
             if grad_att is not None:
                 grad_att[:, t] = (g * partial[:, ii, ij, t]).sum(dim=(1, 2, 3))
         return grad_partial, grad_att, None, None
+
+
+def _shift_sum_traceable(
+    partial: Tensor, att: Tensor, offsets: list[tuple[int, int]], out_hw: tuple[int, int]
+) -> Tensor:
+    """:class:`ShiftSum` with out-of-place operations only (same shapes and result)."""
+    batch, height, width, _, _ = partial.shape
+    out_h, out_w = out_hw
+    y = None
+    for t, offset in enumerate(offsets):
+        window = _tap_windows(offset, (height, width), out_hw)
+        if window is None:
+            continue
+        oi, oj, ii, ij = window
+        term = partial[:, ii, ij, t] * att[:, t].view(batch, 1, 1, 1)
+        term = F.pad(term, (0, 0, oj.start, out_w - oj.stop, oi.start, out_h - oi.stop))
+        y = term if y is None else y + term
+    if y is None:
+        y = partial.new_zeros(batch, out_h, out_w, partial.shape[-1])
+    return y
 
 
 def _reference_conv(
