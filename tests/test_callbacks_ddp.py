@@ -23,11 +23,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning_kr.callbacks import FlopsOverhead, KernelEmbeddings, TemperatureAnnealing
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models import resnet18
 
 from lightning_kr import kr_convert
+from lightning_kr.callbacks import FlopsOverhead, KernelEmbeddings, TemperatureAnnealing
 
 NUM_CLASSES, SIZE, BATCH = 4, 32, 4
 N_TRAIN, N_VAL = 16, 13  # 13 is odd: DistributedSampler pads rank 1 with a copy of sample 0

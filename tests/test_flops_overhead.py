@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_kr.callbacks import FlopsOverhead, MacCount, count_macs, count_overhead
-from lightning_kr.callbacks.mac_count import static_counterpart
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import VisionTransformer, resnet18
 
 from lightning_kr import kr_convert
+from lightning_kr.callbacks import FlopsOverhead, MacCount, count_macs, count_overhead
+from lightning_kr.callbacks.mac_count import static_counterpart
 from lightning_kr.layers.dynamic_conv import STRATEGIES
 
 # The operators torch.utils.flop_counter.FlopCounterMode counts on CPU (2 flops per multiply-add).

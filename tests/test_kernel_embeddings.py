@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_kr.callbacks import KernelEmbeddings
-from lightning_kr.callbacks.kernel_embeddings import cluster_scores, default_labels, knn_purity
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_kr import kr_convert
+from lightning_kr.callbacks import KernelEmbeddings
+from lightning_kr.callbacks.kernel_embeddings import cluster_scores, default_labels, knn_purity
 
 N_VAL, NUM_CLASSES, SIZE, D = 24, 3, 16, 8
 

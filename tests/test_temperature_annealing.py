@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_kr.callbacks import TemperatureAnnealing
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kr import kr_convert
+from lightning_kr.callbacks import TemperatureAnnealing
 from lightning_kr.layers import KRConv2d
 
 BATCHES = 4  # training batches per epoch
