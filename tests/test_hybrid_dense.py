@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_kr.patch import HybridDense
+from lightning_kr.patch import HybridDense, hybrid_activation, hybrid_activation_dot
 
 
 def preprint_formula(z, scale, power, eps):
@@ -137,3 +137,26 @@ def test_num_predictors_are_independent_dense_layers():
 def test_rejects_a_power_init_outside_the_range():
     with pytest.raises(ValueError, match="power_init"):
         HybridDense(2, 2, power_range=(0.5, 3.0), power_init=4.0)
+
+
+@pytest.mark.parametrize("variant", ["signed", "relu"])
+def test_fused_activation_dot_matches_autograd_and_gradcheck(variant):
+    z = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
+    q = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
+    power = (0.5 + 2.5 * torch.rand(3, 4, 1, dtype=torch.double)).requires_grad_()
+    fused = hybrid_activation_dot(z, q, power, 1e-3, variant, dim=2)
+    plain = (hybrid_activation(z, None, power, 1e-3, variant) * q).sum(2)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda z, q, p: hybrid_activation_dot(z, q, p, 1e-3, variant, dim=2), (z, q, power)
+    )
+
+
+def test_fused_activation_dot_is_finite_in_bfloat16_at_zero():
+    z = torch.tensor([[0.0, -0.0, 1e-30, 3e4]], dtype=torch.bfloat16, requires_grad=True)
+    q = torch.ones_like(z, requires_grad=True)
+    power = torch.tensor([0.5, 1.0, 2.0, 3.0], requires_grad=True)
+    out = hybrid_activation_dot(z, q, power, 1e-3, dim=-1)
+    out.sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert all(torch.isfinite(t.grad).all() for t in (z, q, power))

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from lightning_kr.patch.hybrid_dense import HybridDense, HybridVariant
+from lightning_kr.patch.hybrid_dense import (
+    HybridDense,
+    HybridVariant,
+    hybrid_activation,
+    hybrid_activation_dot,
+)
 
 
 class PatchDynamicConv2d(nn.Module):
@@ -28,10 +33,16 @@ class PatchDynamicConv2d(nn.Module):
     Nothing of size ``B × L × out × P`` is built. The first HybridDense layer of every predictor is
     linear in the patch, ``W_o x + b_o``, i.e. a convolution; so is ``x^T A_o`` in
     ``kernel_o · x = (x^T A_o) u_o``; so is ``similar_conv``. One ``F.conv2d`` call computes all
-    three for all ``out`` predictors, the activations run on ``(B, H', W', out, h)``, and
-    ``y_o = sum_j (x^T A_o)_j u_o,j`` is one multiply-and-sum. Patches come from the convolution
-    itself, so they never mix neighbouring locations. :meth:`predict_kernels` builds the kernels
-    explicitly, for inspection.
+    three for all ``out`` predictors; deeper HybridDense layers are grouped 1×1 convolutions
+    (``groups=out``); the activations run on ``(B, out, h, H', W')``; and
+    ``y_o = sum_j (x^T A_o)_j u_o,j`` is one multiply-and-sum over ``h``, fused with the last
+    activation (:func:`hybrid_activation_dot`). The largest tensor is
+    the convolution's output, ``(B, out·(h1 + hn + 1), H', W')``, against ``(B, H'·W', out, P)``
+    for explicit kernels. Patches come from the convolution itself, so they never mix
+    neighbouring locations. :meth:`predict_kernels` builds the kernels explicitly, for inspection.
+
+    With a linear kernel head the output is bilinear in the patch (kernel and patch both grow
+    with it): keep learning rates moderate or clip gradients.
 
     The kernel head has no bias: a bias ``c_o`` would add ``c_o · x``, which *is* a static
     convolution, i.e. ``similar_conv``. The predictors' hidden layers are HybridDense (the
@@ -47,8 +58,10 @@ class PatchDynamicConv2d(nn.Module):
             deeper stack (e.g. ``(16, 16)``).
         kernel_head_gain: the kernel head starts as ``U(-a, a)`` with ``a = gain / sqrt(h · P)``;
             0 makes the layer start as its ``similar_conv``.
-        **hybrid_kwargs: ``eps``, ``power_range``, ``power_init``, ``variant`` of the HybridDense
-            layers.
+        eps: HybridDense ``eps`` of every predictor layer.
+        power_range: HybridDense ``(p_min, p_max)``.
+        power_init: HybridDense initial power (1: the predictors start linear).
+        variant: HybridDense ``"signed"`` (default) or the preprint's ``"relu"`` reading.
 
     Shape:
         - Input: ``(B, C, H, W)``.
@@ -99,7 +112,9 @@ class PatchDynamicConv2d(nn.Module):
             )
             for w_in, w_out in pairwise(widths)
         )
-        self.kernel_head = nn.Parameter(torch.empty(out_channels, self.patch_features, self.hidden[-1]))
+        self.kernel_head = nn.Parameter(
+            torch.empty(out_channels, self.patch_features, self.hidden[-1])
+        )
         self.similar_conv = nn.Conv2d(
             in_channels, out_channels, self.kernel_size, stride=self.stride, padding=self.padding
         )
@@ -112,13 +127,22 @@ class PatchDynamicConv2d(nn.Module):
         nn.init.uniform_(self.kernel_head, -bound, bound)
 
     def _conv_weight_and_bias(self) -> tuple[Tensor, Tensor]:
-        """Stack ``[W (out·h1), A^T (out·hn), similar_conv (out)]`` as one ``(N, C, kh, kw)`` weight."""
-        first = self.predictor_layers[0]
+        """Stack ``[W_1 (out·h1), (A·s_n)^T (out·hn), similar_conv (out)]`` as one conv weight.
+
+        The last HybridDense scale ``s_n`` multiplies ``u`` just before ``A``, so it is folded into
+        ``A`` here (same function, same gradients, one pass less over the largest tensor).
+
+        Returns:
+            ``weight`` of shape ``(out·(h1 + hn + 1), C, kh, kw)`` and ``bias`` of shape
+            ``(out·(h1 + hn + 1),)``.
+        """
+        first, last = self.predictor_layers[0], self.predictor_layers[-1]
         kernel_shape = (self.in_channels, *self.kernel_size)
+        scaled_head = self.kernel_head * last.scale.unsqueeze(1)
         weight = torch.cat(
             [
                 first.weight.reshape(-1, *kernel_shape),
-                self.kernel_head.transpose(1, 2).reshape(-1, *kernel_shape),
+                scaled_head.transpose(1, 2).reshape(-1, *kernel_shape),
                 self.similar_conv.weight,
             ]
         )
@@ -134,17 +158,34 @@ class PatchDynamicConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W) -> (B, out, H', W')``."""
         weight, bias = self._conv_weight_and_bias()
-        convolved = F.conv2d(x, weight, bias, self.stride, self.padding).permute(0, 2, 3, 1)
-        groups = self.out_channels
-        first_hidden, last_hidden = self.hidden[0], self.hidden[-1]
+        convolved = F.conv2d(x, weight, bias, self.stride, self.padding)
+        batch, _, out_h, out_w = convolved.shape
+        groups, widths = self.out_channels, self.hidden
         pre_activation, projection, static = convolved.split(
-            [groups * first_hidden, groups * last_hidden, groups], dim=-1
+            [groups * widths[0], groups * widths[-1], groups], dim=1
         )
-        hidden = self.predictor_layers[0].activation(pre_activation.unflatten(-1, (groups, first_hidden)))
-        for layer in self.predictor_layers[1:]:
-            hidden = layer(hidden)
-        dynamic = (hidden * projection.unflatten(-1, (groups, last_hidden))).sum(-1)
-        return (dynamic + static).permute(0, 3, 1, 2)
+        hidden = pre_activation.view(batch, groups, widths[0], out_h, out_w)
+        for index, layer in enumerate(self.predictor_layers):
+            if index > 0:
+                weight = layer.weight.reshape(-1, layer.in_features, 1, 1)
+                hidden = F.conv2d(
+                    hidden.flatten(1, 2), weight, layer.bias.reshape(-1), groups=groups
+                )
+                hidden = hidden.view(batch, groups, layer.out_features, out_h, out_w)
+            if index < len(self.predictor_layers) - 1:
+                hidden = hybrid_activation(
+                    hidden,
+                    layer.scale[..., None, None],
+                    layer.power[..., None, None],
+                    layer.eps,
+                    layer.variant,
+                )
+        last = self.predictor_layers[-1]
+        projection = projection.view(batch, groups, widths[-1], out_h, out_w)
+        dynamic = hybrid_activation_dot(
+            hidden, projection, last.power[..., None, None], last.eps, last.variant, dim=2
+        )
+        return dynamic + static
 
     def predict_kernels(self, x: Tensor) -> Tensor:
         """The per-patch kernels, materialised (for inspection; ``forward`` never builds them).
