@@ -13,7 +13,8 @@ computes ``conv(x_b, K_b)`` for the whole batch:
   convolution.
 * ``"tap_scaled"``: n = 1 with spatial attention: ``a_s`` scales the im2col columns tap by tap and one
   ordinary matrix product with the static kernel follows (no per-sample kernel at all).
-* ``"grouped"``: the per-sample kernels are stacked and run as one ``groups = B·g`` convolution.
+* ``"grouped"``: the per-sample kernels are stacked and run as one ``groups = B·g`` convolution;
+  where a kernel is smaller than the activations, channel and filter attention are folded into it.
 * ``"unfold"``: im2col columns and one batched matrix product with the per-sample kernels.
 * ``"taps"``: a k×k convolution is the sum of k² shifted 1×1 convolutions. One matrix product of the
   channels-last input with all taps' kernels ``(B·H·W, C_in) @ (C_in, k²·C_out)`` (per sample when
@@ -21,8 +22,8 @@ computes ``conv(x_b, K_b)`` for the whole batch:
   Exactly the convolution's multiply-adds, as one large well-shaped GEMM: the fast path for wide
   layers on small feature maps, where a grouped convolution is slowest (stride 1, groups 1).
 * ``"reference"``: the textbook method (ODConv's code): the full per-sample kernel
-  ``W_b`` (all four attentions folded in) through one ``groups = B`` convolution. Kept as the
-  baseline of the benchmark, never chosen by ``"auto"``.
+  ``W_b`` (all four attentions folded in) through one ``groups = B`` convolution, for every layer:
+  the benchmark's baseline. ``"auto"`` uses it only where ``"grouped"`` folds.
 
 :func:`choose_strategy` picks by shape; every strategy computes the same function (tests assert it
 against a naive per-sample reference). ``B × n × |W|`` is never materialised: the candidates are
@@ -170,6 +171,13 @@ def dynamic_conv2d(
             groups,
         )
     conv_padding = (top, left)
+    if (
+        strategy == "grouped"
+        and c_out * c_in_g * kh * kw <= c_in * height * width + c_out * out_h * out_w
+    ):
+        # The per-sample kernel is smaller than the activations: fold channel and filter attention
+        # into it rather than into two extra activation tensors (less time, less saved memory).
+        strategy = "reference"
     if channel_att is not None and strategy != "reference":
         x = x * channel_att.to(x.dtype)[:, :, None, None]
 
