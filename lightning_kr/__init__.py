@@ -1,5 +1,6 @@
 """lightning-kr: dynamic convolution with Kernel Representation (KR) for PyTorch Lightning."""
 
+from lightning_kr.classifier import KRClassifier
 from lightning_kr.config import KRConfig
 from lightning_kr.convert import kr_convert
 from lightning_kr.kr_model import KRModel
@@ -20,6 +21,7 @@ __all__ = [
     "ConversionReport",
     "FFTStem",
     "JointHead",
+    "KRClassifier",
     "KRConfig",
     "KRConv2d",
     "KRLinear",

@@ -244,7 +244,7 @@ class KRClassifier(LightningModule):
         images, targets = batch[0], batch[1]
         output = self.model(images)
         loss = self._loss(output, targets)
-        self.train_metrics(main_logits(output).detach(), _hard(targets))
+        self.train_metrics.update(main_logits(output).detach(), _hard(targets))
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss

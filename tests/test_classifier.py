@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_kr import KRModel
 from lightning_kr.classifier import KRClassifier, insert_head_dropout, lr_factor
 from lightning_kr.layers import KRLayer
+from lightning_kr.models import build_model
 
 
 def small_cnn(num_classes: int = 10) -> nn.Module:
@@ -137,8 +138,14 @@ def test_fit_logs_metrics_and_steps_the_schedule(tmp_path) -> None:
 
 def test_adamw_keeps_norms_and_biases_out_of_weight_decay(tmp_path) -> None:
     classifier = KRClassifier(
-        small_cnn(), image_size=16, optimizer="adamw", lr=1e-3, weight_decay=0.05,
-        decay_norm_and_bias=False, schedule="constant", warmup_epochs=0,
+        small_cnn(),
+        image_size=16,
+        optimizer="adamw",
+        lr=1e-3,
+        weight_decay=0.05,
+        decay_norm_and_bias=False,
+        schedule="constant",
+        warmup_epochs=0,
     )
     trainer = fit(classifier, tmp_path, max_steps=1)
     optimizer = trainer.optimizers[0]
@@ -165,3 +172,27 @@ def test_checkpoint_round_trip(tmp_path) -> None:
     classifier.eval()
     restored.eval()
     torch.testing.assert_close(restored(images), classifier(images))
+
+
+@pytest.mark.parametrize(
+    ("name", "millions"),
+    [("vit_tiny", 5.72), ("mobilenet_v2_050", 1.97), ("resnet18", 11.69)],
+)
+def test_builders_of_the_poster_rows(name: str, millions: float) -> None:
+    model = build_model(name, num_classes=1000)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.01)
+
+
+def test_vit_tiny_is_patch16_width192_depth12_heads3() -> None:
+    vit = build_model("vit_tiny", num_classes=10, image_size=32)
+    assert (vit.patch_size, vit.hidden_dim, vit.image_size) == (16, 192, 32)
+    assert len(vit.encoder.layers) == 12
+    assert vit.encoder.layers[0].self_attention.num_heads == 3
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "mobilenet_v2_050"])
+def test_poster_architectures_train_as_kr_models(name: str) -> None:
+    classifier = KRClassifier(name, num_classes=10, image_size=32, mode="odconv")
+    loss = classifier.criterion(classifier(torch.randn(2, 3, 32, 32)), torch.tensor([1, 2]))
+    loss.backward()
+    assert all(p.grad is not None for p in classifier.parameters())  # DDP needs no unused ones

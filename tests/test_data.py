@@ -79,7 +79,13 @@ def image_root(tmp_path):
 
 
 def imagenet(root, **options) -> ImageNetDataModule:
-    defaults = {"batch_size": 7, "num_workers": 0, "image_size": 32, "resize_size": 36, "pin_memory": False}
+    defaults = {
+        "batch_size": 7,
+        "num_workers": 0,
+        "image_size": 32,
+        "resize_size": 36,
+        "pin_memory": False,
+    }
     return ImageNetDataModule(str(root), **{**defaults, **options})
 
 
@@ -190,7 +196,7 @@ def test_mixup_gives_soft_targets_in_training(image_root) -> None:
         training = True
 
     data.trainer = Training()
-    images, targets = data.on_after_batch_transfer(
+    _, targets = data.on_after_batch_transfer(
         (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])), 0
     )
     assert targets.shape == (4, 3)

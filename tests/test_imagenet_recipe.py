@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -20,19 +24,43 @@ import imagenet as recipe  # noqa: E402
 ROWS = sorted((REPO / "recipes" / "configs").glob("*_*x.yaml")) + sorted(
     (REPO / "recipes" / "configs").glob("*_static.yaml")
 )
-QUICK = [
+QUICK = [  # two training batches and one validation batch of 8 images of 16×16
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=2",
+    "--trainer.limit_val_batches=1",
     "--trainer.enable_progress_bar=false",
     "--trainer.callbacks=[]",
     "--flops.print_table=false",
-    "--data.init_args.batch_size=16",
+    "--data.batch_size=8",
+    "--data.image_size=16",
 ]
 
 
 def quick(tmp_path: Path, *extra: str) -> list[str]:
     return ["fit", *QUICK, f"--trainer.logger.init_args.save_dir={tmp_path}", *extra]
+
+
+@pytest.fixture(autouse=True)
+def _command_line(monkeypatch) -> Iterator[None]:
+    """The recipe is called as from its own command line, not with pytest's arguments; the
+    threads it sets (``cpu_threads``) are given back to the other tests."""
+    monkeypatch.setattr(sys, "argv", ["recipes/imagenet.py"])
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[recipe.KRRecipeCLI, str]:
+    """One quick fit on the embedded default, and what it printed."""
+    save_dir = tmp_path_factory.mktemp("runs")
+    printed = io.StringIO()
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setattr(sys, "argv", ["recipes/imagenet.py"])
+        cli = recipe.main(quick(save_dir))
+    torch.set_num_threads(threads)
+    return cli, printed.getvalue()
 
 
 def printed_config(capsys, *args: str) -> dict:
@@ -51,6 +79,7 @@ def test_print_config_shows_the_embedded_default_and_the_kr_callbacks(capsys) ->
     callbacks = [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]]
     assert {"RichProgressBar", "RichModelSummary"} <= set(callbacks)
     assert config["checkpoint"]["save_last"] is True
+    assert config["cpu_threads"] == 1
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda path: path.stem)
@@ -70,23 +99,28 @@ def test_every_row_config_parses_with_its_published_recipe(capsys, row: Path) ->
         "vit_tiny": ("vit_tiny", "adamw", 1e-3, 0.05, 300),
     }[arch.removesuffix("_kr").removesuffix("_odconv")]
     assert (
-        model["model"], model["optimizer"], model["lr"], model["weight_decay"],
+        model["model"],
+        model["optimizer"],
+        model["lr"],
+        model["weight_decay"],
         config["trainer"]["max_epochs"],
     ) == expected
     assert "Poster:" in row.read_text() and "github.com/" in row.read_text()
+    # Nothing of the embedded default leaks into an ImageNet row.
+    assert model["preserve_function"] is False and config["cpu_threads"] is None
+    assert config["trainer"]["num_sanity_val_steps"] == 2
+    assert config["embeddings"]["max_samples"] == 2000
+    assert "max_shift" not in config["data"]["init_args"]
 
 
-def test_fit_on_the_embedded_default_writes_logs_checkpoint_config_and_table(
-    tmp_path, capsys
-) -> None:
-    cli = recipe.main(quick(tmp_path))
-    out = capsys.readouterr().out
+def test_fit_on_the_embedded_default_writes_logs_checkpoint_config_and_table(trained) -> None:
+    cli, out = trained
     assert "embedded default" in out and "--data.root" in out  # said in the first lines
     assert out.index("embedded default") < out.index("fit: resnet18")
     for figure in ("top-1 accuracy", "parameters", "MACs overhead", "throughput"):
         assert figure in out
     run = Path(cli.trainer.log_dir)
-    assert run.parent == tmp_path / "digits_resnet18_kr_1x"
+    assert run.parent.name == "digits_resnet18_kr_1x"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["mode"] == "kr"
     assert any(path.name.startswith("events.out.tfevents") for path in run.iterdir())
@@ -95,6 +129,26 @@ def test_fit_on_the_embedded_default_writes_logs_checkpoint_config_and_table(
     assert results["flops/kr_gmacs"] > results["flops/static_gmacs"] > 0
     assert results["params_m"] > results["params_static_m"]
     assert results["train_images_per_second"] > 0
+
+
+def test_validate_test_and_predict_from_the_checkpoint(trained) -> None:
+    cli, _ = trained
+    run = Path(cli.trainer.log_dir)
+    last = run / "checkpoints" / "last.ckpt"
+    options = ["--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
+    options += ["--trainer.limit_predict_batches=2", "--trainer.enable_progress_bar=false"]
+    options += ["--trainer.callbacks=[]", "--data.batch_size=8", "--data.image_size=16"]
+    options += [f"--trainer.logger.init_args.save_dir={run.parents[1]}", f"--ckpt_path={last}"]
+    validated = recipe.main(["validate", *options])
+    assert validated.results["acc_top1"] == pytest.approx(cli.results["acc_top1"])
+    tested = recipe.main(["test", *options])
+    assert tested.results["evaluated_on"] == "test set"
+    recipe.main(["predict", *options])
+    probabilities = torch.load(run / "predictions.pt")
+    assert probabilities.shape == (16, 10)
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(16))
+    # Evaluating into the run's folder keeps the training config.
+    assert (run / "config_validate.yaml").is_file() and (run / "config.yaml").is_file()
 
 
 def test_static_baseline_leaves_out_the_kr_only_callbacks(tmp_path, capsys) -> None:
@@ -115,7 +169,9 @@ def test_resume_continues_the_same_run(tmp_path) -> None:
     assert second.trainer.global_step == 2 * steps  # the optimiser and scheduler went on
     scheduler = second.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == 2 * steps
-    annealing = next(c for c in second.trainer.callbacks if type(c).__name__ == "TemperatureAnnealing")
+    annealing = next(
+        c for c in second.trainer.callbacks if type(c).__name__ == "TemperatureAnnealing"
+    )
     assert annealing.batches == 2 * steps
     assert second.model.kr_model.temperature <= temperature
     assert (run / "config.yaml").is_file()
@@ -131,7 +187,7 @@ def test_ddp_two_cpu_processes_on_the_embedded_default(tmp_path) -> None:
             "--trainer.devices=2",
             "--trainer.strategy=ddp",
             "--embeddings.every_n_epochs=1",
-            "--embeddings.max_samples=32",
+            "--embeddings.max_samples=16",
         ),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -153,7 +209,7 @@ def test_imagenet_row_without_data_explains_the_layout(tmp_path) -> None:
         recipe.main(["fit", f"--config={row}", f"--data.root={tmp_path / 'nowhere'}"])
 
 
-def test_imagenet_row_trains_on_a_folder_in_imagenet_layout(tmp_path, capsys) -> None:
+def test_imagenet_row_trains_on_a_folder_in_imagenet_layout(tmp_path) -> None:
     root = tmp_path / "imagenet"
     for index, cls in enumerate(("n01", "n02", "n03")):
         for split, count in (("train", 8), ("val", 4)):
@@ -163,28 +219,30 @@ def test_imagenet_row_trains_on_a_folder_in_imagenet_layout(tmp_path, capsys) ->
                 Image.new("RGB", (48, 40), (80 * index, 40, 200 - 60 * index)).save(path)
     (root / "train" / "n01" / "broken.JPEG").write_bytes(b"not an image")
     row = REPO / "recipes" / "configs" / "resnet18_kr_1x.yaml"
-    cli = recipe.main(
-        [
-            "fit",
-            f"--config={row}",
-            f"--data.root={root}",
-            "--data.image_size=32",
-            "--data.resize_size=36",
-            "--data.batch_size=5",
-            "--data.num_workers=0",
-            "--data.pin_memory=false",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.strategy=auto",
-            "--trainer.precision=32-true",
-            "--trainer.max_epochs=1",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.callbacks=[]",
-            "--flops.print_table=false",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        ]
-    )
+    with pytest.warns(UserWarning, match=r"train epoch 0: skipped 1 unreadable images"):
+        cli = recipe.main(
+            [
+                "fit",
+                f"--config={row}",
+                f"--data.root={root}",
+                "--data.image_size=32",
+                "--data.resize_size=36",
+                "--data.batch_size=5",
+                "--data.num_workers=0",
+                "--data.pin_memory=false",
+                "--trainer.accelerator=cpu",
+                "--trainer.devices=1",
+                "--trainer.strategy=auto",
+                "--trainer.precision=32-true",
+                "--trainer.max_epochs=1",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.callbacks=[]",
+                "--flops.print_table=false",
+                "--cpu_threads=1",
+                f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            ]
+        )
     assert cli.model.num_classes == 3 and cli.model.hparams.image_size == 32
     assert cli.results["acc_top1"] is not None and cli.results["acc_top5"] is None
-    assert cli.trainer.callback_metrics["data/skipped_images_train"] >= 0
-    assert cli.trainer.global_step == 5  # 25 files, 1 unreadable, batches of 5, last dropped
+    assert cli.trainer.callback_metrics["data/skipped_images_train"] == 1
+    assert cli.trainer.global_step == 5  # 25 files (one unreadable) in 5 batches of 5
