@@ -97,10 +97,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def time_side_by_side(
     runs: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
 ) -> dict[str, float]:
-    """Median seconds of each callable; configurations take turns in every repetition."""
+    """Median seconds of each callable; configurations take turns in every repetition.
+
+    The clock is the wall clock, or the process's CPU time with ``--cpu-time`` (steadier on a
+    machine that other jobs share; use it with ``--threads 1``).
+    """
     for _ in range(warmup):
         for run in runs.values():
             run()
@@ -109,10 +116,10 @@ def time_side_by_side(
     for _ in range(repeats):
         for name, run in runs.items():
             synchronize(device)
-            start = time.perf_counter()
+            start = CLOCK()
             run()
             synchronize(device)
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(CLOCK() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -309,6 +316,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (every available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--cpu-time", action="store_true", help="time with process CPU time (CPU only)"
+    )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-macs", action="store_true")
     parser.add_argument("--json", default=None, help="write the figures to this file")
@@ -323,6 +333,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
     if args.memory_child:
         _memory_child(args)
         return {}
