@@ -169,6 +169,8 @@ def test_resume_continues_the_same_run(tmp_path) -> None:
     assert second.trainer.global_step == 2 * steps  # the optimiser and scheduler went on
     scheduler = second.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == 2 * steps
+    optimizer = second.trainer.optimizers[0]  # AdamW's state went on from the checkpoint
+    assert all(int(state["step"]) == 2 * steps for state in optimizer.state.values())
     annealing = next(
         c for c in second.trainer.callbacks if type(c).__name__ == "TemperatureAnnealing"
     )
@@ -209,7 +211,9 @@ def test_imagenet_row_without_data_explains_the_layout(tmp_path) -> None:
         recipe.main(["fit", f"--config={row}", f"--data.root={tmp_path / 'nowhere'}"])
 
 
-def test_imagenet_row_trains_on_a_folder_in_imagenet_layout(tmp_path) -> None:
+def test_data_root_alone_trains_the_first_row_on_a_folder_in_imagenet_layout(
+    tmp_path, capsys
+) -> None:
     root = tmp_path / "imagenet"
     for index, cls in enumerate(("n01", "n02", "n03")):
         for split, count in (("train", 8), ("val", 4)):
@@ -218,12 +222,10 @@ def test_imagenet_row_trains_on_a_folder_in_imagenet_layout(tmp_path) -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.new("RGB", (48, 40), (80 * index, 40, 200 - 60 * index)).save(path)
     (root / "train" / "n01" / "broken.JPEG").write_bytes(b"not an image")
-    row = REPO / "recipes" / "configs" / "resnet18_kr_1x.yaml"
     with pytest.warns(UserWarning, match=r"train epoch 0: skipped 1 unreadable images"):
         cli = recipe.main(
             [
                 "fit",
-                f"--config={row}",
                 f"--data.root={root}",
                 "--data.image_size=32",
                 "--data.resize_size=36",
@@ -242,6 +244,8 @@ def test_imagenet_row_trains_on_a_folder_in_imagenet_layout(tmp_path) -> None:
                 f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
             ]
         )
+    assert "--data.root without --config" in capsys.readouterr().out
+    assert cli.model.hparams.optimizer == "sgd" and cli.model.hparams.milestones == [30, 60, 90]
     assert cli.model.num_classes == 3 and cli.model.hparams.image_size == 32
     assert cli.results["acc_top1"] is not None and cli.results["acc_top5"] is None
     assert cli.trainer.callback_metrics["data/skipped_images_train"] == 1
