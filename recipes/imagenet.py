@@ -6,8 +6,9 @@ row of the poster and ``--data.root`` points at ImageNet::
 
     python recipes/imagenet.py fit                                   # embedded digits
     python recipes/imagenet.py fit --model.mode static               # its static baseline
-    python recipes/imagenet.py fit --config recipes/configs/resnet18_kr_1x.yaml \\
-        --data.root /data/imagenet --trainer.devices 8                # one row, 8 GPUs, DDP
+    python recipes/imagenet.py fit --data.root /data/imagenet        # ImageNet, row resnet18_kr_1x
+    python recipes/imagenet.py fit --config recipes/configs/vit_tiny_kr_4x.yaml \\
+        --data.root /data/imagenet                                    # another row (8 GPUs, DDP)
     python recipes/imagenet.py fit --config ... --ckpt_path last     # resume the latest run
     python recipes/imagenet.py validate --config ... --ckpt_path runs/.../checkpoints/last.ckpt
     python recipes/imagenet.py fit --print_config                    # the resolved configuration
@@ -34,6 +35,7 @@ warnings.filterwarnings(
 
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,8 @@ from lightning_kr.data import SkippedImagesReport
 from lightning_kr.data.imagenet import class_folders
 from lightning_kr.layers import KRLayer
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "recipes" / "configs"
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
 EXAMPLE_ROW = "recipes/configs/resnet18_kr_1x.yaml"
 
@@ -270,6 +273,14 @@ def _applies(callback: Callback, classifier: Any) -> bool:
     return True
 
 
+def _root_without_config(args: list[str]) -> bool:
+    """``args`` (subcommand first) give a data root but neither a config nor a data class."""
+    options = [a.split("=", 1)[0] for a in args[1:] if isinstance(a, str)]
+    root = any(o in ("--data.root", "--data.init_args.root") for o in options)
+    chosen = any(o in ("--config", "-c", "--data", "--data.class_path") for o in options)
+    return bool(args) and args[0] in ("fit", "validate", "test", "predict") and root and not chosen
+
+
 def _class_path(config: Namespace, key: str) -> str:
     value = config.get(key)
     return str(value.get("class_path", "")) if isinstance(value, Namespace) else ""
@@ -313,7 +324,16 @@ class KRRecipeCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        super().parse_arguments(parser, args)
+        self.implied_row: str | None = None
+        given = sys.argv[1:] if args is None else args
+        if isinstance(given, list) and _root_without_config(given):
+            # `fit --data.root /imagenet` alone: the ImageNet counterpart of the embedded default.
+            self.implied_row = EXAMPLE_ROW
+            self.config = parser.parse_args(
+                [given[0], f"--config={REPO / EXAMPLE_ROW}", *given[1:]]
+            )
+        else:
+            super().parse_arguments(parser, args)
         self._announce()
 
     @rank_zero_only
@@ -337,14 +357,21 @@ class KRRecipeCLI(LightningCLI):
                 "using the embedded default, the 1,797 handwritten digits bundled with "
                 "scikit-learn (8×8 grey → small RGB images, 10 classes, fixed stratified split "
                 "1,437 / 360).\n"
-                "To train on ImageNet, pick a row of the poster (recipes/configs/) and point at "
-                "the data (root/train/<class>/*.JPEG, root/val/<class>/*.JPEG):\n"
-                f"  python recipes/imagenet.py fit --config {EXAMPLE_ROW} "
-                "--data.root /path/to/imagenet --trainer.devices 8",
+                "To train on ImageNet (root/train/<class>/*.JPEG, root/val/<class>/*.JPEG):\n"
+                "  python recipes/imagenet.py fit --data.root /path/to/imagenet\n"
+                f"trains the poster's row {EXAMPLE_ROW} (8 GPUs, DDP); any other row: "
+                "--config recipes/configs/<row>.yaml.",
                 markup=True,
                 highlight=False,
             )
         else:
+            if self.implied_row:
+                console.print(
+                    f"--data.root without --config: training the poster's row {self.implied_row} "
+                    "(8 GPUs, global batch 256; on N GPUs add --trainer.devices N and scale "
+                    "--model.lr by N / 8)",
+                    highlight=False,
+                )
             root = config.data.init_args.get("root") if isinstance(config.data, Namespace) else None
             console.print(
                 f"[bold]lightning-kr[/bold] · {subcommand} [bold]{row}[/bold] · "
@@ -454,7 +481,9 @@ def pin_logger_version(config: Namespace, ckpt_path: str) -> str | None:
         if path.parent.name != "checkpoints" or path.parents[2] != run_root.resolve():
             return None
         version = path.parent.parent.name
-    options.version = version
+    # "version_3" → 3, as the logger numbers its runs (and the progress bar shows v_num 3).
+    number = version.removeprefix("version_")
+    options.version = int(number) if number.isdigit() else version
     return version
 
 
