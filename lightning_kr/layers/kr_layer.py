@@ -74,6 +74,14 @@ class KRLayer(nn.Module):
         if d is not None and self.chain is not None:
             self.chain.write(d)
 
+    def forward(self, x: Tensor) -> Tensor:
+        """``y`` for input ``x``; reads ``d_i`` from the chain and writes ``d_{i+1}`` back."""
+        self._check_input(x)
+        d = self.read_repr(x.shape[0])
+        y, d_next = self.forward_with_repr(x, d)
+        self.write_repr(d_next)
+        return y
+
     def set_temperature(self, value: float) -> None:
         """Set the attention temperature ``T`` of this layer's kernel generator(s)."""
         for module in self.modules():

@@ -110,13 +110,6 @@ class KRLinear(KRLayer):
                 f"(B, *, {self.in_features}); got {tuple(x.shape)}"
             )
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        d = self.read_repr(x.shape[0])
-        y, d_next = self.forward_with_repr(x, d)
-        self.write_repr(d_next)
-        return y
-
     def forward_with_repr(self, x: Tensor, d: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``(y, d_next)`` for input ``x`` (B, [*,] C_in) and representation ``d`` (B, D) or None."""
         self._check_input(x)
