@@ -9,7 +9,7 @@ from torch.nn.modules.utils import _pair
 
 from lightning_kr.layers.dynamic_conv import Strategy, dynamic_conv2d
 from lightning_kr.layers.kernel_generator import ATTENTION_KINDS, KernelGenerator
-from lightning_kr.layers.kr_layer import KRLayer, candidates_from_static
+from lightning_kr.layers.kr_layer import KRLayer
 
 
 def _resolve_padding(
@@ -140,11 +140,7 @@ class KRConv2d(KRLayer):
             conv.padding_mode,
             **kr_options,
         )
-        layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(candidates_from_static(conv.weight, layer.kernel_num, init_noise))
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
+        layer.load_static(conv, init_noise)
         return layer
 
     def to_static(self) -> nn.Conv2d:
@@ -162,11 +158,7 @@ class KRConv2d(KRLayer):
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
-        with torch.no_grad():
-            conv.weight.copy_(self.weight.mean(0))
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return self.store_static(conv)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

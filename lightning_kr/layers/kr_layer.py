@@ -82,6 +82,23 @@ class KRLayer(nn.Module):
         self.write_repr(d_next)
         return y
 
+    def load_static(self, static: nn.Module, init_noise: float) -> None:
+        """Move to ``static``'s device/dtype; candidates from its weight (see
+        :func:`candidates_from_static`), its bias as is."""
+        self.to(device=static.weight.device, dtype=static.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(candidates_from_static(static.weight, self.kernel_num, init_noise))
+            if static.bias is not None:
+                self.bias.copy_(static.bias)
+
+    def store_static(self, static: nn.Module) -> nn.Module:
+        """Write the mean of the candidates and the bias into ``static`` (same shape); return it."""
+        with torch.no_grad():
+            static.weight.copy_(self.weight.mean(0))
+            if self.bias is not None:
+                static.bias.copy_(self.bias)
+        return static
+
     def set_temperature(self, value: float) -> None:
         """Set the attention temperature ``T`` of this layer's kernel generator(s)."""
         for module in self.modules():

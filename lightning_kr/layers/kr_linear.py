@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from lightning_kr.layers.dynamic_conv import dynamic_linear
 from lightning_kr.layers.kernel_generator import ATTENTION_KINDS, KernelGenerator
-from lightning_kr.layers.kr_layer import KRLayer, candidates_from_static
+from lightning_kr.layers.kr_layer import KRLayer
 
 
 class KRLinear(KRLayer):
@@ -81,11 +81,7 @@ class KRLinear(KRLayer):
     def from_linear(cls, linear: nn.Linear, *, init_noise: float = 0.1, **kr_options) -> KRLinear:
         """A KR layer whose candidates start from ``linear``'s weights (and keeps its bias)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, **kr_options)
-        layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(candidates_from_static(linear.weight, layer.kernel_num, init_noise))
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+        layer.load_static(linear, init_noise)
         return layer
 
     def to_static(self) -> nn.Linear:
@@ -97,11 +93,7 @@ class KRLinear(KRLayer):
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
-        with torch.no_grad():
-            linear.weight.copy_(self.weight.mean(0))
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return self.store_static(linear)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() < 2 or x.shape[-1] != self.in_features:
