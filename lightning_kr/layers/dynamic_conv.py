@@ -13,8 +13,10 @@ computes ``conv(x_b, K_b)`` for the whole batch:
   convolution.
 * ``"tap_scaled"``: n = 1 with spatial attention: ``a_s`` scales the im2col columns tap by tap and one
   ordinary matrix product with the static kernel follows (no per-sample kernel at all).
-* ``"grouped"``: the per-sample kernels are stacked and run as one ``groups = B·g`` convolution;
-  where a kernel is smaller than the activations, channel and filter attention are folded into it.
+* ``"grouped"``: the per-sample kernels are stacked and run as one ``groups = B·g`` convolution.
+* ``"folded"``: the same with channel and filter attention folded into the kernels (one tensor
+  ``B × |W|`` instead of two extra activation tensors); ``"auto"`` folds where a kernel is smaller
+  than the activations.
 * ``"unfold"``: im2col columns and one batched matrix product with the per-sample kernels.
 * ``"taps"``: a k×k convolution is the sum of k² shifted 1×1 convolutions. One matrix product of the
   channels-last input with all taps' kernels ``(B·H·W, C_in) @ (C_in, k²·C_out)`` (per sample when
@@ -23,7 +25,12 @@ computes ``conv(x_b, K_b)`` for the whole batch:
   layers on small feature maps, where a grouped convolution is slowest (stride 1, groups 1).
 * ``"reference"``: the textbook method (ODConv's code): the full per-sample kernel
   ``W_b`` (all four attentions folded in) through one ``groups = B`` convolution, for every layer:
-  the benchmark's baseline. ``"auto"`` uses it only where ``"grouped"`` folds.
+  the benchmark's baseline, never chosen by ``"auto"``.
+
+In training, ``"taps"``, ``"unfold"``, ``"tap_scaled"`` and ``"folded"`` run as autograd Functions
+(:mod:`~lightning_kr.layers.recomputing_conv`) that keep only their inputs and the attentions for
+backward and rebuild per-sample kernels, columns and partial sums there, a slice of the batch at a
+time: peak training memory close to the static network's.
 
 :func:`choose_strategy` picks by shape; every strategy computes the same function (tests assert it
 against a naive per-sample reference). ``B × n × |W|`` is never materialised: the candidates are
@@ -38,8 +45,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Strategy = Literal["auto", "shared", "tap_scaled", "grouped", "unfold", "taps", "reference"]
-STRATEGIES = ("shared", "tap_scaled", "grouped", "unfold", "taps", "reference")
+from lightning_kr.layers.recomputing_conv import (
+    FoldedGroupedConv,
+    TapsConv,
+    UnfoldConv,
+    tap_offsets,
+    tap_windows,
+)
+
+Strategy = Literal[
+    "auto", "shared", "tap_scaled", "grouped", "folded", "unfold", "taps", "reference"
+]
+STRATEGIES = ("shared", "tap_scaled", "grouped", "folded", "unfold", "taps", "reference")
 
 
 SMALL_MAP = 256  # output positions (16 × 16) below which a grouped convolution loses to a GEMM
@@ -59,7 +76,9 @@ def choose_strategy(
     Measured on CPU (``python recipes/layer_benchmark.py``, ResNet-18 shapes, batch 32): a grouped
     convolution with ``groups = B`` runs close to the static convolution on large feature maps
     (1.2x at 56², 64 channels) but 8–14x slower on small ones (7², 512 channels), where one GEMM over
-    the taps costs 1.6x; 1×1 kernels are cheapest as one batched matrix product.
+    the taps costs 1.6x; 1×1 kernels are cheapest as one batched matrix product. At batch 1 the
+    cost is the pass over the kernel that applies the spatial attention; on small maps the im2col
+    columns are smaller than the kernel and take the attention instead.
 
     Args:
         batch: ``B``.
@@ -72,9 +91,13 @@ def choose_strategy(
     """
     if not has_kernel_att and not has_spatial_att:
         return "shared"
-    if batch == 1:
-        return "grouped"  # one sample: an ordinary convolution with its aggregated kernel
     kh, kw = weight_shape[-2:]
+    if batch == 1:
+        # One sample: an ordinary convolution with its aggregated kernel, unless scaling the
+        # im2col columns by the spatial attention touches fewer numbers than scaling the kernel.
+        c_out, c_in_g = weight_shape[1:3]
+        columns = c_in_g * groups * kh * kw * out_hw[0] * out_hw[1]
+        return "unfold" if has_spatial_att and columns < c_out * c_in_g * kh * kw else "grouped"
     small = out_hw[0] * out_hw[1] <= SMALL_MAP
     if kh * kw == 1:
         return "unfold" if groups == 1 else "grouped"
@@ -177,19 +200,28 @@ def dynamic_conv2d(
     ):
         # The per-sample kernel is smaller than the activations: fold channel and filter attention
         # into it rather than into two extra activation tensors (less time, less saved memory).
-        strategy = "reference"
-    if channel_att is not None and strategy != "reference":
+        strategy = "folded"
+    # Tracers (fvcore, TorchScript export) cannot record custom autograd Functions: they get the
+    # same computation in plain operators.
+    recompute = not torch.jit.is_tracing()
+    if strategy == "reference" or (strategy == "folded" and not recompute):
+        return _reference_conv(
+            x, weight, channel_att, filter_att, spatial_att, kernel_att, bias, stride,
+            conv_padding, dilation, groups, (out_h, out_w),
+        )  # fmt: skip
+    if strategy == "folded":
+        dtype = _compute_dtype(x)
+        return FoldedGroupedConv.apply(
+            x.to(dtype), weight.to(dtype), *_cast(dtype, channel_att, filter_att, spatial_att),
+            *_cast(dtype, kernel_att, bias), stride, conv_padding, dilation, groups,
+        )  # fmt: skip
+    if channel_att is not None:
         x = x * channel_att.to(x.dtype)[:, :, None, None]
 
     if strategy == "taps":
         if groups != 1 or stride != (1, 1):
             raise ValueError("strategy 'taps' needs groups = 1 and stride 1")
         y = _taps_conv(x, weight, kernel_att, spatial_att, (top, left), dilation, (out_h, out_w))
-    elif strategy == "reference":
-        return _reference_conv(
-            x, weight, channel_att, filter_att, spatial_att, kernel_att, bias, stride,
-            conv_padding, dilation, groups, (out_h, out_w),
-        )  # fmt: skip
     elif strategy == "shared":
         if kernel_att is not None or spatial_att is not None:
             raise ValueError("strategy 'shared' needs n = 1 and no spatial attention")
@@ -206,25 +238,19 @@ def dynamic_conv2d(
             groups * batch,
         ).view(batch, c_out, out_h, out_w)
     elif strategy in ("unfold", "tap_scaled"):
-        cols = F.unfold(x, (kh, kw), dilation, conv_padding, stride)  # (B, C_in·kh·kw, L)
-        positions = cols.shape[-1]
-        if strategy == "tap_scaled":
-            if kernel_att is not None:
-                raise ValueError("strategy 'tap_scaled' needs n = 1")
-            if spatial_att is not None:
-                cols = (
-                    cols.view(batch, c_in, kh * kw, positions)
-                    * spatial_att.to(cols.dtype)[:, None, :, None]
-                ).view(batch, c_in * kh * kw, positions)
-            kernel = weight[0].reshape(groups, c_out // groups, c_in_g * kh * kw)
-            y = torch.matmul(kernel, cols.view(batch, groups, c_in_g * kh * kw, positions))
+        if strategy == "tap_scaled" and kernel_att is not None:
+            raise ValueError("strategy 'tap_scaled' needs n = 1")
+        if recompute:
+            dtype = _compute_dtype(x)
+            y = UnfoldConv.apply(
+                x.to(dtype), weight.to(dtype), *_cast(dtype, kernel_att, spatial_att), stride,
+                conv_padding, dilation, groups, (out_h, out_w),
+            )  # fmt: skip
         else:
-            kernels = mix_candidates(weight, kernel_att, spatial_att, batch)
-            y = torch.matmul(
-                kernels.reshape(batch, groups, c_out // groups, c_in_g * kh * kw),
-                cols.view(batch, groups, c_in_g * kh * kw, positions),
-            )
-        y = y.view(batch, c_out, out_h, out_w)
+            y = _unfold_conv(
+                x, weight, kernel_att, spatial_att, stride, conv_padding, dilation, groups,
+                (out_h, out_w),
+            )  # fmt: skip
     else:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {('auto', *STRATEGIES)}")
 
@@ -233,6 +259,16 @@ def dynamic_conv2d(
     if bias is not None:
         y = y + bias.to(y.dtype)[None, :, None, None]
     return y
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would compute a convolution in, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def _taps_conv(
@@ -254,102 +290,72 @@ def _taps_conv(
     Returns:
         (B, C_out, H', W').
     """
+    if not torch.jit.is_tracing():
+        dtype = _compute_dtype(x)
+        y = TapsConv.apply(
+            x.to(dtype), weight.to(dtype), *_cast(dtype, kernel_att, spatial_att), padding,
+            dilation, out_hw,
+        )  # fmt: skip
+        return y.permute(0, 3, 1, 2)
     batch, c_in, height, width = x.shape
     n, c_out, _, kh, kw = weight.shape
     taps = kh * kw
     x_cl = x.permute(0, 2, 3, 1).reshape(batch, height * width, c_in)
     if kernel_att is None:
-        # (C_in, taps · C_out): one GEMM for the whole batch.
         kernel = weight[0].permute(1, 2, 3, 0).reshape(c_in, taps * c_out)
-        partial = (x_cl.reshape(-1, c_in) @ kernel.to(x_cl.dtype)).view(
-            batch, height, width, taps, c_out
-        )
+        partial = x_cl.reshape(-1, c_in) @ kernel.to(x_cl.dtype)
     else:
         mixed = kernel_att.to(weight.dtype) @ weight.permute(0, 2, 3, 4, 1).reshape(n, -1)
-        partial = torch.bmm(x_cl, mixed.view(batch, c_in, taps * c_out).to(x_cl.dtype)).view(
-            batch, height, width, taps, c_out
-        )
-    offsets = [
-        (u * dilation[0] - padding[0], v * dilation[1] - padding[1])
-        for u in range(kh)
-        for v in range(kw)
-    ]
+        partial = torch.bmm(x_cl, mixed.view(batch, c_in, taps * c_out).to(x_cl.dtype))
+    partial = partial.view(batch, height, width, taps, c_out)
     if spatial_att is None:
         spatial_att = partial.new_ones(batch, taps)
-    if (
-        torch.jit.is_tracing()
-    ):  # tracers (fvcore, TorchScript export) cannot record custom Functions
-        y = _shift_sum_traceable(partial, spatial_att.to(partial.dtype), offsets, out_hw)
-    else:
-        y = ShiftSum.apply(partial, spatial_att.to(partial.dtype), offsets, out_hw)
+    offsets = tap_offsets((kh, kw), padding, dilation)
+    y = _shift_sum_traceable(partial, spatial_att.to(partial.dtype), offsets, out_hw)
     return y.permute(0, 3, 1, 2)
 
 
-def _tap_windows(
-    offset: tuple[int, int], in_hw: tuple[int, int], out_hw: tuple[int, int]
-) -> tuple[slice, slice, slice, slice] | None:
-    """Output rows/cols and the input rows/cols they read for one tap: output (i, j) reads input
-    (i + du, j + dv); ``None`` when the tap never lands inside the input."""
-    (du, dv), (height, width), (out_h, out_w) = offset, in_hw, out_hw
-    i0, i1 = max(0, -du), min(out_h, height - du)
-    j0, j1 = max(0, -dv), min(out_w, width - dv)
-    if i0 >= i1 or j0 >= j1:
-        return None
-    return slice(i0, i1), slice(j0, j1), slice(i0 + du, i1 + du), slice(j0 + dv, j1 + dv)
-
-
-class ShiftSum(torch.autograd.Function):
-    """``y[b, i, j] = sum_t a[b, t] · partial[b, i + du_t, j + dv_t, t]`` (zero outside the input).
-
-    Shapes: partial (B, H, W, T, C), a (B, T) → y (B, H', W', C). A hand-written backward: autograd
-    through nine in-place slice updates would zero-fill a partial-sized gradient per tap.
-    """
-
-    @staticmethod
-    def forward(ctx, partial, att, offsets, out_hw):  # type: ignore[override]
-        batch, height, width, _, channels = partial.shape
-        y = partial.new_zeros(batch, *out_hw, channels)
-        for t, offset in enumerate(offsets):
-            window = _tap_windows(offset, (height, width), out_hw)
-            if window is None:
-                continue
-            oi, oj, ii, ij = window
-            y[:, oi, oj].addcmul_(partial[:, ii, ij, t], att[:, t].view(batch, 1, 1, 1))
-        ctx.save_for_backward(partial, att)
-        ctx.offsets, ctx.out_hw = offsets, out_hw
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):  # type: ignore[override]
-        partial, att = ctx.saved_tensors
-        batch, height, width, taps, _ = partial.shape
-        grad_partial = grad_att = None
-        if ctx.needs_input_grad[0]:
-            grad_partial = partial.new_zeros(partial.shape)
-        if ctx.needs_input_grad[1]:
-            grad_att = att.new_zeros(batch, taps)
-        for t, offset in enumerate(ctx.offsets):
-            window = _tap_windows(offset, (height, width), ctx.out_hw)
-            if window is None:
-                continue
-            oi, oj, ii, ij = window
-            g = grad_y[:, oi, oj]
-            if grad_partial is not None:
-                torch.mul(g, att[:, t].view(batch, 1, 1, 1), out=grad_partial[:, ii, ij, t])
-            if grad_att is not None:
-                grad_att[:, t] = (g * partial[:, ii, ij, t]).sum(dim=(1, 2, 3))
-        return grad_partial, grad_att, None, None
+def _unfold_conv(
+    x: Tensor,
+    weight: Tensor,
+    kernel_att: Tensor | None,
+    spatial_att: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    out_hw: tuple[int, int],
+) -> Tensor:
+    """:class:`~lightning_kr.layers.recomputing_conv.UnfoldConv` in plain operators (for tracers)."""
+    batch, c_in = x.shape[:2]
+    _n, c_out, c_in_g, kh, kw = weight.shape
+    cols = F.unfold(x, (kh, kw), dilation, padding, stride)  # (B, C_in·kh·kw, L)
+    positions = cols.shape[-1]
+    if spatial_att is not None:
+        cols = (
+            cols.view(batch, c_in, kh * kw, positions)
+            * spatial_att.to(cols.dtype)[:, None, :, None]
+        )
+    cols = cols.reshape(batch, groups, c_in_g * kh * kw, positions)
+    if kernel_att is None:
+        kernel = weight[0].reshape(groups, c_out // groups, c_in_g * kh * kw)
+    else:
+        kernel = mix_candidates(weight, kernel_att, None, batch).reshape(
+            batch, groups, c_out // groups, c_in_g * kh * kw
+        )
+    return torch.matmul(kernel.to(cols.dtype), cols).view(batch, c_out, *out_hw)
 
 
 def _shift_sum_traceable(
     partial: Tensor, att: Tensor, offsets: list[tuple[int, int]], out_hw: tuple[int, int]
 ) -> Tensor:
-    """:class:`ShiftSum` with out-of-place operations only (same shapes and result)."""
+    """The shifted, weighted tap sum of :class:`~lightning_kr.layers.recomputing_conv.TapsConv` in
+    out-of-place operators: partial (B, H, W, T, C), att (B, T) → (B, H', W', C)."""
     batch, height, width, _, _ = partial.shape
     out_h, out_w = out_hw
     y = None
     for t, offset in enumerate(offsets):
-        window = _tap_windows(offset, (height, width), out_hw)
+        window = tap_windows(offset, (height, width), out_hw)
         if window is None:
             continue
         oi, oj, ii, ij = window

@@ -169,14 +169,29 @@ class KernelGenerator(nn.Module):
         else:
             fused_in = h
         fused = F.relu(self.fuse(fused_in))
-        temperature = self.temperature
-        out: dict[str, Tensor] = {}
-        for kind, head in self.heads.items():
-            logits = head(fused) / temperature
-            if kind == "kernel":
-                out[kind] = torch.softmax(logits, dim=1)
-            else:
-                out[kind] = torch.sigmoid(logits) * self.gate_scale
+        # All heads as one matrix product, one temperature division and one sigmoid (a batch-1
+        # forward is bound by the number of small operators); the heads stay separate parameters.
+        heads = list(self.heads.values())
+        logits = (
+            F.linear(
+                fused,
+                torch.cat([head.weight for head in heads]) if len(heads) > 1 else heads[0].weight,
+                torch.cat([head.bias for head in heads]) if len(heads) > 1 else heads[0].bias,
+            )
+            / self.temperature
+        )
+        kinds = list(self.heads.keys())
+        sizes = [head.out_features for head in heads]
+        gated = sum(size for kind, size in zip(kinds, sizes, strict=True) if kind != "kernel")
+        values: list[Tensor] = []
+        if gated:
+            gates = torch.sigmoid(logits[:, :gated])
+            if self.gate_scale != 1.0:
+                gates = gates * self.gate_scale
+            values.extend(gates.split(sizes[: len(sizes) - ("kernel" in self.heads)], dim=1))
+        if "kernel" in self.heads:  # always the last head
+            values.append(torch.softmax(logits[:, gated:], dim=1))
+        out: dict[str, Tensor] = dict(zip(kinds, values, strict=True))
         repr_out = None
         if self.represent is not None:
             summaries = [self._summarise(kind, attention) for kind, attention in out.items()]
