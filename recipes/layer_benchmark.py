@@ -36,7 +36,7 @@ RESNET18_SHAPES = [
     (64, 128, 56, 2, 1),
     (256, 512, 14, 2, 1),
 ]
-STRATEGIES = ("grouped", "unfold", "taps", "tap_scaled", "reference")
+STRATEGIES = ("grouped", "folded", "unfold", "taps", "tap_scaled", "reference")
 
 
 def applicable(strategy: str, kernel_num: int, stride: int, kernel: int) -> bool:
