@@ -38,3 +38,12 @@ def test_layer_benchmark_runs_every_strategy(capsys):
         assert all(row[f"4x_{strategy}"] > 0 for row in rows)
     assert any("1x_taps" in row for row in rows)
     assert "per-sample strategies" in capsys.readouterr().out
+
+
+def test_profile_step_ranks_operators(capsys):
+    rows = load("profile_step.py")["main"](
+        ["--config", "kr_4x", "--batch", "2", "--size", "32", "--steps", "1", "--rows", "5"]
+    )
+    assert len(rows) == 5
+    assert rows[0][1] >= rows[-1][1] > 0
+    assert "Self CPU" in capsys.readouterr().out

@@ -121,7 +121,8 @@ class TapsConv(torch.autograd.Function):
         taps = kh * kw
         kernels = weight.permute(0, 2, 3, 4, 1).reshape(n, c_in * taps * c_out)
         grad_x = x.new_empty(batch, height, width, c_in) if need_x else None
-        grad_k = torch.zeros_like(kernels) if need_w else None
+        grad_k = torch.zeros_like(kernels) if need_w and kernel_att is not None else None
+        grad_tap = x.new_zeros(taps, c_out, c_in) if need_w and kernel_att is None else None
         grad_kernel_att = torch.empty_like(kernel_att) if need_kernel else None
         grad_spatial = torch.empty_like(spatial_att) if need_spatial else None
         if kernel_att is None:  # per-tap input gradients (T, c·H·W, C_in)
@@ -147,21 +148,24 @@ class TapsConv(torch.autograd.Function):
                     grad_rows_by_tap = torch.bmm(by_tap, kernel.permute(1, 2, 0)).view(
                         taps, count, height * width, c_in
                     )
+                    # (c, T, H·W·C_in) views of the per-tap input gradients: no copies.
+                    per_sample = grad_rows_by_tap.view(taps, count, -1).transpose(0, 1)
                     if need_spatial:
-                        grad_spatial[chunk] = torch.einsum("tbmc,bmc->bt", grad_rows_by_tap, rows)
+                        grad_spatial[chunk] = torch.bmm(
+                            per_sample, rows.reshape(count, -1, 1)
+                        ).view(count, taps)
                     if need_x:
                         grad_rows = (
                             grad_rows_by_tap.sum(0)
                             if att is None
-                            else torch.einsum("tbmc,bt->bmc", grad_rows_by_tap, att)
+                            else torch.bmm(att.view(count, 1, taps), per_sample)
                         )
                         grad_x[chunk] = grad_rows.view(count, height, width, c_in)
                 if need_w:
                     if att is not None:
                         shifted.mul_(att.view(count, 1, 1, taps, 1))
-                    grad_k.view(c_in, taps, c_out).add_(
-                        torch.matmul(rows.reshape(-1, c_in).t(), by_tap).transpose(0, 1)
-                    )
+                    # (T, C_out, C_in): the kernel's own layout but for the tap axis.
+                    grad_tap.add_(torch.matmul(by_tap.transpose(1, 2), rows.reshape(-1, c_in)))
                 continue
             mixed = (kernel_att[chunk] @ kernels).view(count, c_in, taps * c_out)
             grad_mixed = torch.bmm(rows.transpose(1, 2), shifted.view(count, -1, taps * c_out))
@@ -182,7 +186,9 @@ class TapsConv(torch.autograd.Function):
                 grad_rows = torch.bmm(shifted.view(count, -1, taps * c_out), mixed.transpose(1, 2))
                 grad_x[chunk] = grad_rows.view(count, height, width, c_in)
         grad_weight = None
-        if need_w:
+        if grad_tap is not None:
+            grad_weight = grad_tap.permute(1, 2, 0).reshape(1, c_out, c_in, kh, kw)
+        elif grad_k is not None:
             grad_weight = grad_k.view(n, c_in, kh, kw, c_out).permute(0, 4, 1, 2, 3).contiguous()
         if grad_x is not None:
             grad_x = grad_x.permute(0, 3, 1, 2)
@@ -313,6 +319,10 @@ class FoldedGroupedConv(torch.autograd.Function):
     """``y_b = conv(x_b, W_b) + bias`` with ``W_b = a_f ⊙ a_c ⊙ a_s ⊙ M_b`` through one
     ``groups = B·g`` convolution; ``W_b`` is rebuilt in backward rather than kept.
 
+    The attentions act as a row scale ``r_b[o, c] = a_f[b, o] · a_c[b, c]`` (small) times a tap scale
+    ``a_s[b, t]``; their gradients are batched matrix-vector products with ``E_b = G_b ⊙ M_b``
+    (``G_b``: gradient of ``W_b``), so backward makes few passes over ``B × |W|``.
+
     Shapes: x (B, C_in, H, W) raw (no attention applied); weight (n, C_out, C_in / g, kh, kw);
     channel_att (B, C_in), filter_att (B, C_out), spatial_att (B, kh·kw), kernel_att (B, n), each or
     None; bias (C_out,) or None; stride, padding (top, left), dilation (2,); groups g
@@ -325,11 +335,14 @@ class FoldedGroupedConv(torch.autograd.Function):
         dilation, groups,
     ):  # fmt: skip
         batch, c_in, height, width = x.shape
-        mixed = _mixed_kernels(weight, kernel_att, batch)
-        folded = mixed * _kernel_scale(channel_att, filter_att, spatial_att, weight, batch, groups)
+        _n, c_out, c_in_g, kh, kw = weight.shape
+        mixed = _mixed_kernels(weight, kernel_att, batch).reshape(batch, c_out, c_in_g, kh * kw)
+        scale = _kernel_scale(
+            _row_scale(channel_att, filter_att, weight, batch, groups), spatial_att
+        )
         y = F.conv2d(
             x.reshape(1, batch * c_in, height, width),
-            folded.reshape(-1, *weight.shape[2:]),
+            (mixed * scale).reshape(-1, *weight.shape[2:]),
             None if bias is None else bias.repeat(batch),
             stride,
             padding,
@@ -348,13 +361,14 @@ class FoldedGroupedConv(torch.autograd.Function):
         need = ctx.needs_input_grad
         batch, c_in, height, width = x.shape
         n, c_out, c_in_g, kh, kw = weight.shape
-        mixed = _mixed_kernels(weight, kernel_att, batch)
-        scale = _kernel_scale(channel_att, filter_att, spatial_att, weight, batch, groups)
-        folded = (mixed * scale).reshape(-1, c_in_g, kh, kw)
+        taps = kh * kw
+        mixed = _mixed_kernels(weight, kernel_att, batch).reshape(batch, c_out, c_in_g, taps)
+        row = _row_scale(channel_att, filter_att, weight, batch, groups)  # (B, C_out, C_in/g)
+        scale = _kernel_scale(row, spatial_att)
         grad_x, grad_folded, _ = torch.ops.aten.convolution_backward(
             grad_y.reshape(1, batch * c_out, *grad_y.shape[2:]),
             x.reshape(1, batch * c_in, height, width),
-            folded,
+            (mixed * scale).reshape(-1, c_in_g, kh, kw),
             None,
             stride,
             padding,
@@ -371,25 +385,30 @@ class FoldedGroupedConv(torch.autograd.Function):
             grads[6] = grad_y.sum(dim=(0, 2, 3))
         if not any(need[1:6]):
             return tuple(grads)
-        grad_folded = grad_folded.view(batch, c_out, c_in_g, kh, kw)
-        factors = _kernel_factors(channel_att, filter_att, spatial_att, weight.shape, batch, groups)
-        by_mixed = grad_folded * mixed
-
-        def others(skip: str) -> Tensor:
-            """``G_b ⊙ M_b`` times every attention but ``skip``, (B, C_out, C_in/g, kh, kw)."""
-            product = by_mixed
-            for kind, factor in factors.items():
-                if kind != skip:
-                    product = product * factor
-            return product
-
-        if "channel" in factors and need[2]:
-            grouped = others("channel").reshape(batch, groups, c_out // groups, c_in_g, kh * kw)
-            grads[2] = grouped.sum(dim=(2, 4)).reshape(batch, c_in)
-        if "filter" in factors and need[3]:
-            grads[3] = others("filter").sum(dim=(2, 3, 4))
-        if "spatial" in factors and need[4]:
-            grads[4] = others("spatial").sum(dim=(1, 2)).reshape(batch, kh * kw)
+        grad_folded = grad_folded.view(batch, c_out, c_in_g, taps)
+        wants_channel = channel_att is not None and need[2]
+        wants_filter = filter_att is not None and need[3]
+        wants_spatial = spatial_att is not None and need[4]
+        if wants_channel or wants_filter or wants_spatial:
+            by_mixed = (grad_folded * mixed).view(batch, c_out * c_in_g, taps)  # E_b
+            if wants_spatial:
+                grads[4] = torch.bmm(row.reshape(batch, 1, -1), by_mixed).view(batch, taps)
+            if wants_channel or wants_filter:
+                if spatial_att is None:
+                    grad_row = by_mixed.sum(-1)
+                else:
+                    grad_row = torch.bmm(by_mixed, spatial_att.view(batch, taps, 1))
+                grad_row = grad_row.view(batch, c_out, c_in_g)
+                if wants_filter:
+                    channel = _grouped_channels(channel_att, batch, c_out, c_in_g, groups)
+                    grads[3] = grad_row.sum(2) if channel is None else (grad_row * channel).sum(2)
+                if wants_channel:
+                    per_out = grad_row if filter_att is None else grad_row * filter_att[:, :, None]
+                    grads[2] = (
+                        per_out.view(batch, groups, c_out // groups, c_in_g)
+                        .sum(2)
+                        .reshape(batch, c_in)
+                    )
         if need[1] or need[5]:
             grad_mixed = (grad_folded * scale).reshape(batch, -1)
             if kernel_att is None:
@@ -411,41 +430,33 @@ def _mixed_kernels(weight: Tensor, kernel_att: Tensor | None, batch: int) -> Ten
     return (kernel_att @ weight.reshape(n, -1)).view(batch, *shape)
 
 
-def _kernel_factors(
-    channel_att: Tensor | None,
-    filter_att: Tensor | None,
-    spatial_att: Tensor | None,
-    weight_shape: torch.Size,
-    batch: int,
-    groups: int,
-) -> dict[str, Tensor]:
-    """Each present attention, shaped to broadcast against (B, C_out, C_in / g, kh, kw)."""
-    _n, c_out, c_in_g, kh, kw = weight_shape
-    factors = {}
-    if channel_att is not None:
-        per_group = channel_att.view(batch, groups, 1, c_in_g, 1, 1)
-        factors["channel"] = per_group.expand(batch, groups, c_out // groups, c_in_g, 1, 1).reshape(
-            batch, c_out, c_in_g, 1, 1
-        )
-    if filter_att is not None:
-        factors["filter"] = filter_att.view(batch, c_out, 1, 1, 1)
-    if spatial_att is not None:
-        factors["spatial"] = spatial_att.view(batch, 1, 1, kh, kw)
-    return factors
+def _grouped_channels(
+    channel_att: Tensor | None, batch: int, c_out: int, c_in_g: int, groups: int
+) -> Tensor | None:
+    """Channel attention seen by each kernel row: (B, C_in) → (B, C_out, C_in / g)."""
+    if channel_att is None:
+        return None
+    per_group = channel_att.view(batch, groups, 1, c_in_g)
+    return per_group.expand(batch, groups, c_out // groups, c_in_g).reshape(batch, c_out, c_in_g)
 
 
-def _kernel_scale(
-    channel_att: Tensor | None,
-    filter_att: Tensor | None,
-    spatial_att: Tensor | None,
-    weight: Tensor,
-    batch: int,
-    groups: int,
+def _row_scale(
+    channel_att: Tensor | None, filter_att: Tensor | None, weight: Tensor, batch: int, groups: int
 ) -> Tensor:
-    """``a_f ⊙ a_c ⊙ a_s``, broadcastable to (B, C_out, C_in / g, kh, kw) (ones when all are None)."""
-    scale = weight.new_ones(1, 1, 1, 1, 1)
-    for factor in _kernel_factors(
-        channel_att, filter_att, spatial_att, weight.shape, batch, groups
-    ).values():
-        scale = scale * factor
-    return scale
+    """``r_b[o, c] = a_f[b, o] · a_c[b, c]``: (B, C_out, C_in / g) (ones where both are None)."""
+    _n, c_out, c_in_g = weight.shape[:3]
+    channel = _grouped_channels(channel_att, batch, c_out, c_in_g, groups)
+    if filter_att is None:
+        return weight.new_ones(batch, c_out, c_in_g) if channel is None else channel
+    return (
+        filter_att[:, :, None].expand(batch, c_out, c_in_g)
+        if channel is None
+        else (channel * filter_att[:, :, None])
+    )
+
+
+def _kernel_scale(row: Tensor, spatial_att: Tensor | None) -> Tensor:
+    """``r_b ⊗ a_s[b]``: (B, C_out, C_in / g, T), or (B, C_out, C_in / g, 1) without spatial attention."""
+    if spatial_att is None:
+        return row[..., None]
+    return row[..., None] * spatial_att[:, None, None, :]
