@@ -1,0 +1,61 @@
+"""choose_strategy's decisions on ResNet-18 shapes, and the automatic choice against the reference."""
+
+import pytest
+import torch
+
+from lightning_kr.layers import KRConv2d
+from lightning_kr.layers.dynamic_conv import choose_strategy
+from tests.reference import naive_dynamic_conv2d
+
+
+def _choice(batch, c_in, c_out, side, stride, k, n):
+    out = (side + 2 * (k // 2) - k) // stride + 1
+    return choose_strategy(
+        batch,
+        torch.Size((n, c_out, c_in, k, k)),
+        (out, out),
+        has_kernel_att=n > 1,
+        has_spatial_att=k > 1,
+        stride=(stride, stride),
+        in_hw=(side + 2 * (k // 2), side + 2 * (k // 2)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("batch", "shape", "n", "expected"),
+    [
+        (32, (64, 64, 56, 1, 3), 1, "folded"),  # kernel smaller than the activations
+        (32, (128, 128, 28, 1, 3), 4, "folded"),
+        (32, (256, 256, 14, 1, 3), 1, "taps"),  # small map, stride 1
+        (32, (256, 256, 14, 1, 3), 4, "taps"),
+        (32, (512, 512, 7, 1, 3), 1, "taps"),
+        (32, (512, 512, 7, 1, 3), 4, "unfold"),  # smallest map with several candidates
+        (32, (256, 512, 14, 2, 3), 1, "tap_scaled"),
+        (32, (256, 512, 14, 2, 3), 4, "unfold"),
+        (32, (256, 512, 14, 2, 1), 4, "unfold"),  # 1×1
+        (32, (64, 128, 56, 2, 1), 1, "shared"),  # 1×1 at n = 1: an ordinary convolution
+        (1, (64, 64, 56, 1, 3), 1, "folded"),
+        (1, (256, 256, 14, 1, 3), 1, "grouped"),
+        (1, (512, 512, 7, 1, 3), 1, "unfold"),  # columns under a quarter of the kernel
+        (1, (512, 512, 7, 1, 3), 4, "unfold"),
+    ],
+)
+def test_resnet18_shapes(batch, shape, n, expected):
+    assert _choice(batch, *shape, n) == expected
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kernel_num", [1, 4])
+def test_auto_on_the_smallest_maps_matches_the_reference(batch, kernel_num):
+    layer = KRConv2d(24, 24, 3, 1, 1, kernel_num=kernel_num, repr_dim=4, min_hidden=4).double()
+    x = torch.randn(batch, 24, 5, 5, dtype=torch.double, requires_grad=True)
+    d = torch.randn(batch, 4, dtype=torch.double)
+    y, _ = layer.forward_with_repr(x, d)
+    att = layer.generator(x.mean(dim=(2, 3)), d)
+    expected = naive_dynamic_conv2d(x, layer.weight, att, None, (1, 1), (1, 1), (1, 1), 1)
+    torch.testing.assert_close(y, expected)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, layer.weight), grad)
+    want = torch.autograd.grad(expected, (x, layer.weight), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
