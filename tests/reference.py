@@ -53,3 +53,15 @@ def naive_dynamic_conv2d(
         for b in range(x.shape[0])
     ]
     return torch.cat(outs)
+
+
+def assert_same_values_and_gradients(
+    y: Tensor, expected: Tensor, inputs: tuple[Tensor, ...]
+) -> None:
+    """``y == expected`` and, for one random output gradient, equal gradients w.r.t. ``inputs``."""
+    torch.testing.assert_close(y, expected)
+    grad_out = torch.randn_like(y)
+    got = torch.autograd.grad(y, inputs, grad_out)
+    want = torch.autograd.grad(expected, inputs, grad_out)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)

@@ -5,7 +5,7 @@ import torch
 
 from lightning_kr.layers import KRConv2d
 from lightning_kr.layers.dynamic_conv import choose_strategy
-from tests.reference import naive_dynamic_conv2d
+from tests.reference import assert_same_values_and_gradients, naive_dynamic_conv2d
 
 
 def _choice(batch, c_in, c_out, side, stride, k, n):
@@ -53,9 +53,4 @@ def test_auto_on_the_smallest_maps_matches_the_reference(batch, kernel_num):
     y, _ = layer.forward_with_repr(x, d)
     att = layer.generator(x.mean(dim=(2, 3)), d)
     expected = naive_dynamic_conv2d(x, layer.weight, att, None, (1, 1), (1, 1), (1, 1), 1)
-    torch.testing.assert_close(y, expected)
-    grad = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, layer.weight), grad)
-    want = torch.autograd.grad(expected, (x, layer.weight), grad)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w)
+    assert_same_values_and_gradients(y, expected, (x, layer.weight))

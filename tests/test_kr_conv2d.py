@@ -4,7 +4,7 @@ from torch import nn
 
 from lightning_kr.layers import KRConv2d, ReprChain
 from lightning_kr.layers.dynamic_conv import STRATEGIES
-from tests.reference import naive_dynamic_conv2d
+from tests.reference import assert_same_values_and_gradients, naive_dynamic_conv2d
 
 CASES = [
     # in, out, k, stride, padding, dilation, groups
@@ -94,12 +94,7 @@ def test_matches_naive_per_sample_reference(kernel_num, case, strategy):
     expected = naive_dynamic_conv2d(
         x, layer.weight, att, layer.bias, layer.stride, layer.padding, layer.dilation, groups
     )
-    torch.testing.assert_close(y, expected)
-    grad_out = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (x, d, layer.weight), grad_out)
-    expected_grads = torch.autograd.grad(expected, (x, d, layer.weight), grad_out)
-    for got, want in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(got, want)
+    assert_same_values_and_gradients(y, expected, (x, d, layer.weight))
 
 
 def test_padding_same_and_reflect():

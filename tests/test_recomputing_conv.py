@@ -10,7 +10,7 @@ from lightning_kr.layers.recomputing_conv import (
     UnfoldConv,
     batch_chunks,
 )
-from tests.reference import naive_dynamic_conv2d
+from tests.reference import assert_same_values_and_gradients, naive_dynamic_conv2d
 
 
 def _attentions(batch, c_in, c_out, taps, n, present=True):
@@ -37,8 +37,7 @@ def test_taps_gradcheck(kernel_num, spatial):
     def run(x, weight, att_k, att_s):
         return TapsConv.apply(x, weight, att_k, att_s, (1, 1), (1, 1), (5, 4))
 
-    inputs = tuple(t for t in (x, weight, att_k, att_s))
-    assert torch.autograd.gradcheck(run, inputs)
+    assert torch.autograd.gradcheck(run, (x, weight, att_k, att_s))
 
 
 @pytest.mark.parametrize("kernel_num", [1, 4])
@@ -99,12 +98,7 @@ def test_one_sample_chunks_match_the_reference(monkeypatch, strategy, kernel_num
     y, _ = layer.forward_with_repr(x, d)
     att = layer.generator(x.mean(dim=(2, 3)), d)
     expected = naive_dynamic_conv2d(x, layer.weight, att, None, (1, 1), (1, 1), (1, 1), 1)
-    torch.testing.assert_close(y, expected)
-    grad = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, d, layer.weight), grad)
-    want = torch.autograd.grad(expected, (x, d, layer.weight), grad)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w)
+    assert_same_values_and_gradients(y, expected, (x, d, layer.weight))
 
 
 @pytest.mark.parametrize("strategy", ["taps", "unfold", "folded"])
