@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from torchvision.models import VisionTransformer, resnet18
 
 from lightning_kr import kr_convert
@@ -21,8 +21,14 @@ from lightning_kr.callbacks.mac_count import static_counterpart
 from lightning_kr.layers.dynamic_conv import STRATEGIES
 
 # The operators torch.utils.flop_counter.FlopCounterMode counts on CPU (2 flops per multiply-add).
-# It leaves CPU attention (scaled_dot_product_attention, the MHA fast path) out, so do we here.
-SHARED_OPS = {"conv", "linear", "addmm", "matmul", "mm", "bmm", "baddbmm", "einsum", "dot"}
+# CPU attention (scaled_dot_product_attention's flash kernel for CPU) is counted by the torch
+# versions that register a formula for it (2.15 does, 2.14 does not); compare it only there.
+CPU_ATTENTION_COUNTED = any(
+    str(op) == "aten._scaled_dot_product_flash_attention_for_cpu" for op in flop_registry
+)
+SHARED_OPS = {"conv", "linear", "addmm", "matmul", "mm", "bmm", "baddbmm", "einsum", "dot"} | (
+    {"scaled_dot_product_attention"} if CPU_ATTENTION_COUNTED else set()
+)
 
 
 def tiny_cnn(num_classes: int = 4) -> nn.Sequential:
