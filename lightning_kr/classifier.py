@@ -93,7 +93,8 @@ class KRClassifier(LightningModule):
         mode: ``"static"`` (no conversion), ``"kr"``, ``"odconv"`` (ablation: no kernel
             representation) or ``"dyconv"`` (ablation: kernel-number attention only).
         kernel_num, reduction, min_hidden, repr_dim, attentions, fft_size, preserve_function,
-        init_noise, include, exclude: the options of :func:`~lightning_kr.kr_convert`.
+        attention_norm, init_noise, include, exclude: the options of
+            :func:`~lightning_kr.kr_convert`.
         conv_strategy: ``strategy`` of ``kr_convert`` (how per-sample kernels are applied).
         image_size: side of the training images; sets ``example_input_array`` (1, C, S, S), used by
             the probe pass of the conversion, by the model summary's FLOP count and by
@@ -137,7 +138,8 @@ class KRClassifier(LightningModule):
         repr_dim: int = 32,
         attentions: list[str] | None = None,
         fft_size: int = 4,
-        preserve_function: bool = False,
+        preserve_function: bool = True,
+        attention_norm: bool = True,
         init_noise: float = 0.1,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
@@ -196,6 +198,7 @@ class KRClassifier(LightningModule):
                 attentions=attentions,
                 fft_size=fft_size,
                 preserve_function=preserve_function,
+                attention_norm=attention_norm,
                 init_noise=init_noise,
                 strategy=conv_strategy,
                 include=include,

@@ -26,7 +26,8 @@ class KRConfig:
     mode: Mode = "kr"
     attentions: tuple[str, ...] | None = None
     fft_size: int = 4
-    preserve_function: bool = False
+    preserve_function: bool = True
+    attention_norm: bool = True
     init_noise: float = 0.1
     strategy: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -66,6 +67,7 @@ class KRConfig:
             "attentions": self.resolved_attentions,
             "gate_scale": 2.0 if neutral else 1.0,
             "zero_init": neutral,
+            "normalize": self.attention_norm,
         }
 
     def as_record(self) -> dict[str, Any]:

@@ -177,7 +177,8 @@ def kr_convert(
     mode: Mode = "kr",
     attentions: Sequence[str] | None = None,
     fft_size: int = 4,
-    preserve_function: bool = False,
+    preserve_function: bool = True,
+    attention_norm: bool = True,
     init_noise: float = 0.1,
     strategy: str = "auto",
     include: Target = None,
@@ -204,8 +205,14 @@ def kr_convert(
         attentions: override the attentions of ``mode``, a subset of
             ``("channel", "filter", "spatial", "kernel")``.
         fft_size: ``f`` of the FFT stem (lowest ``f × f`` frequencies).
-        preserve_function: neutral attentions and a zero KR head, so the converted model computes
-            the original function at initialisation (up to float rounding).
+        preserve_function: start as the static model (default): neutral attentions (gates
+            ``2·sigmoid`` of zero-initialised logits, uniform kernel-number attention) and a zero KR
+            head, so the converted model computes the original function at initialisation (up to
+            float rounding) and trains from scratch at least as fast as it. False: ODConv's
+            initialisation (random attention heads, sigmoid gates in (0, 1), random KR head).
+        attention_norm: LayerNorm on the attention branch's hidden vector (ODConv's BatchNorm, made
+            per sample so batch size 1 trains) and a ``1/√hidden`` read-out of the attention logits
+            (default). False: the unnormalised branch. See :class:`~lightning_kr.KernelGenerator`.
         init_noise: relative size of the zero-mean perturbation that makes the candidates differ.
         strategy: per-sample kernel strategy of the KR convolutions (``"auto"``: by shape).
         include, exclude: which modules to consider (string: full regex; list: exact-or-suffix).
@@ -235,6 +242,7 @@ def kr_convert(
         attentions=tuple(attentions) if attentions is not None else None,
         fft_size=fft_size,
         preserve_function=preserve_function,
+        attention_norm=attention_norm,
         init_noise=init_noise,
         strategy=strategy,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -10,7 +12,11 @@ from lightning_kr.layers.kernel_generator import Attentions
 
 
 def per_sample_kernels(weight: Tensor, att: Attentions, groups: int) -> Tensor:
-    """W_b = sum_n a_kn[b,n] · a_s[b] ⊙ a_c[b] ⊙ a_f[b] ⊙ W_n, built explicitly: (B, O, I/g, kh, kw)."""
+    """W_b = √n sum_n a_kn[b,n] · a_s[b] ⊙ a_c[b] ⊙ a_f[b] ⊙ V_n, built explicitly: (B, O, I/g, kh, kw).
+
+    ``weight`` holds a KR layer's stored candidates ``V_n`` (the kernels divided by √n, see
+    :class:`~lightning_kr.layers.kr_layer.KRLayer`); ``att`` is its generator's output.
+    """
     n, c_out, c_in_g, kh, kw = weight.shape
     batch = next(
         a for a in (att.channel, att.filter, att.spatial, att.kernel) if a is not None
@@ -21,7 +27,7 @@ def per_sample_kernels(weight: Tensor, att: Attentions, groups: int) -> Tensor:
         for i in range(n):
             w = weight[i].clone()
             if att.kernel is not None:
-                w = w * att.kernel[b, i]
+                w = w * att.kernel[b, i] * math.sqrt(n)
             k = k + w
         if att.spatial is not None:
             k = k * att.spatial[b].view(1, 1, kh, kw)

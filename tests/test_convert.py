@@ -67,8 +67,19 @@ def test_preserve_function_vit_b_16_with_attention_converted():
         assert (model(x) - static(x)).abs().max() < 1e-4
 
 
+def sgd_step(model: nn.Module) -> nn.Module:
+    """One SGD step: the zero-initialised read-outs (attention heads, KR head) leave zero, so ``d``
+    and the attentions start to depend on the input (at initialisation the model is the static one)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    nn.functional.cross_entropy(model.train()(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return model
+
+
 def test_gradients_reach_stem_head_and_kernel_generators():
-    model = small_resnet(kernel_num=4)
+    model = sgd_step(small_resnet(kernel_num=4))
     out = model(torch.randn(3, 3, 32, 32))
     nn.functional.cross_entropy(out, torch.tensor([0, 1, 2])).backward()
     assert model.stem.proj.weight.grad.abs().sum() > 0
@@ -79,7 +90,7 @@ def test_gradients_reach_stem_head_and_kernel_generators():
 
 
 def test_d_changes_the_output():
-    model = small_resnet().eval()
+    model = sgd_step(small_resnet()).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         base = model(x)

@@ -47,7 +47,9 @@ def test_resnet18_shapes(batch, shape, n, expected):
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("kernel_num", [1, 4])
 def test_auto_on_the_smallest_maps_matches_the_reference(batch, kernel_num):
-    layer = KRConv2d(24, 24, 3, 1, 1, kernel_num=kernel_num, repr_dim=4, min_hidden=4).double()
+    layer = KRConv2d(
+        24, 24, 3, 1, 1, kernel_num=kernel_num, repr_dim=4, min_hidden=4, zero_init=False
+    ).double()
     x = torch.randn(batch, 24, 5, 5, dtype=torch.double, requires_grad=True)
     d = torch.randn(batch, 4, dtype=torch.double)
     y, _ = layer.forward_with_repr(x, d)

@@ -107,7 +107,7 @@ def test_every_row_config_parses_with_its_published_recipe(capsys, row: Path) ->
     ) == expected
     assert "Poster:" in row.read_text() and "github.com/" in row.read_text()
     # Nothing of the embedded default leaks into an ImageNet row.
-    assert model["preserve_function"] is False and config["cpu_threads"] is None
+    assert model["preserve_function"] is True and config["cpu_threads"] is None
     assert config["trainer"]["num_sanity_val_steps"] == 2
     assert config["embeddings"]["max_samples"] == 2000
     assert "max_shift" not in config["data"]["init_args"]

@@ -181,7 +181,9 @@ def test_attention_descriptors_of_an_ablation(tmp_path):
     callback = KernelEmbeddings(depths=None, layers=["2"], attentions=["spatial"])
     fit(Module(mode="odconv"), callback, tmp_path / "odconv")
     assert callback.last["kernels"].shape == (N_VAL, 9)
-    assert ((callback.last["kernels"] > 0) & (callback.last["kernels"] < 1)).all()
+    kernels = callback.last["kernels"]
+    assert ((kernels > 0) & (kernels < 2)).all()  # 2·sigmoid gates, 1 at initialisation
+    assert kernels.std(axis=0).max() > 0, "the attentions vary from sample to sample"
 
 
 def test_cluster_scores():

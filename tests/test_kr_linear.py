@@ -6,11 +6,12 @@ from lightning_kr.layers import KRLinear
 
 
 def naive_linear(x, layer, att):
-    """Explicit per-sample weight W_b = sum_n a_kn · a_c ⊙ a_f ⊙ W_n; one F.linear per sample."""
+    """Explicit per-sample weight W_b = √n sum_n a_kn · a_c ⊙ a_f ⊙ V_n; one F.linear per sample."""
     outs = []
     for b in range(x.shape[0]):
         w = sum(
-            layer.weight[i] * (att.kernel[b, i] if att.kernel is not None else 1.0)
+            layer.weight[i]
+            * (att.kernel[b, i] * layer.mix_scale if att.kernel is not None else 1.0)
             for i in range(layer.kernel_num)
         )
         if att.channel is not None:
@@ -24,7 +25,8 @@ def naive_linear(x, layer, att):
 @pytest.mark.parametrize("kernel_num", [1, 4])
 @pytest.mark.parametrize("shape", [(3, 10), (3, 1, 10), (3, 7, 10), (3, 2, 4, 10)])
 def test_matches_naive_reference(kernel_num, shape):
-    layer = KRLinear(10, 6, kernel_num=kernel_num, repr_dim=5, min_hidden=4).double()
+    layer = KRLinear(10, 6, kernel_num=kernel_num, repr_dim=5, min_hidden=4, zero_init=False)
+    layer = layer.double()
     x = torch.randn(*shape, dtype=torch.double, requires_grad=True)
     d = torch.randn(3, 5, dtype=torch.double, requires_grad=True)
     y, d_next = layer.forward_with_repr(x, d)

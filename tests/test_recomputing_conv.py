@@ -90,7 +90,9 @@ def test_batch_chunks_cover_the_batch_within_the_budget():
 def test_one_sample_chunks_match_the_reference(monkeypatch, strategy, kernel_num):
     """With a tiny chunk budget every sample is its own chunk; results do not change."""
     monkeypatch.setattr(recomputing_conv, "CHUNK_BYTES", 1)
-    layer = KRConv2d(4, 6, 3, 1, 1, kernel_num=kernel_num, repr_dim=5, min_hidden=4)
+    layer = KRConv2d(
+        4, 6, 3, 1, 1, kernel_num=kernel_num, repr_dim=5, min_hidden=4, zero_init=False
+    )
     layer = layer.double()
     layer.strategy = strategy
     x = torch.randn(3, 4, 6, 6, dtype=torch.double, requires_grad=True)

@@ -9,8 +9,9 @@ Read against the poster (``shared/seeds/kernel_representation_poster.txt``) and 
 
 Choices the poster leaves open, fixed here:
 
-* ``F`` is one linear layer and a ReLU (ODConv's ``fc → relu`` with ``d`` concatenated to its input).
-  There is no BatchNorm in the attention branch, so batch size 1 trains.
+* ``F`` is one linear layer, a LayerNorm (no affine) and a ReLU: ODConv's ``fc → BatchNorm → relu``
+  with ``d`` concatenated to its input and the BatchNorm replaced by a per-sample normalisation, so
+  batch size 1 trains and evaluates alike (``normalize=False``: ``fc → relu``, no normalisation).
 * ``alpha~_i`` (the "compact summary of the generated attentions") is, by default (``summary="pooled"``),
   ``[pool(a_c), pool(a_f), a_s, a_kn]`` where ``pool`` averages a channel or filter attention vector
   into at most ``summary_bins`` (8) equal bins: a parameter-free, fixed-size projection, so the KRG
@@ -19,7 +20,19 @@ Choices the poster leaves open, fixed here:
 * ``K`` is ``Linear → LayerNorm``; the LayerNorm keeps ``d`` on one scale through deep chains.
 * Attentions are ``gate_scale · sigmoid(logit / T)`` (kernel-number attention: ``softmax(logit / T)``).
   ``gate_scale = 1`` is ODConv; ``gate_scale = 2`` with zero-initialised attention logits makes every
-  attention exactly neutral at initialisation (used by ``preserve_function``).
+  attention exactly neutral at initialisation (the default: a converted model starts as the static
+  one and its gates can both damp and amplify).
+* The logits are read out at ``1/√hidden`` (``normalize=True``): ``logit = head(h~) / √hidden``. With a
+  unit-scale ``h~`` this makes a logit move, per optimiser step, at the rate of an ordinary scale
+  parameter (a BatchNorm γ) instead of ``hidden`` times faster.
+
+Why these defaults (measured with ``recipes/compare.py``; README "Learning"): with ODConv's
+initialisation (random attention heads, sigmoid gates in (0, 1)) and no BatchNorm, the attention
+logits at initialisation have a standard deviation of 2–5, a quarter to three quarters of the spatial
+gates are saturated, every kernel is scaled by about 1/8 and the candidate kernels receive 5–18 times
+the relative gradient of the static weights: a converted ResNet-18 trained from scratch learned far
+slower than the static one. Neutral attentions alone are not enough: the attention logits then move
+by ``lr · |h~|² · g`` per step, with ``|h~|²`` in the hundreds, and saturate within a few steps.
 """
 
 from __future__ import annotations
@@ -70,8 +83,11 @@ class KernelGenerator(nn.Module):
             dropped for ``kernel_area == 1``, kernel-number for ``kernel_num == 1`` and filter for
             depthwise layers, as in ODConv.
         depthwise: the layer is depthwise (no filter attention).
-        gate_scale: 1 (ODConv's sigmoid) or 2 (neutral ``2·sigmoid(0) = 1`` at initialisation).
-        zero_init: initialise the attention logits at zero (neutral attentions).
+        gate_scale: 2 (default: neutral ``2·sigmoid(0) = 1`` at initialisation) or 1 (ODConv's sigmoid).
+        zero_init: initialise the attention logits at zero (default: neutral attentions); False:
+            ODConv's Kaiming-normal heads.
+        normalize: LayerNorm on the fused hidden vector and a ``1/√hidden`` read-out of the logits
+            (default); False: ODConv's unnormalised ``fc → relu`` (whose BatchNorm is left out).
 
     Shapes: ``h`` (B, C_in), ``d`` (B, D) or ``None`` → :class:`Attentions`.
     """
@@ -87,8 +103,9 @@ class KernelGenerator(nn.Module):
         min_hidden: int = 16,
         attentions: tuple[str, ...] = ATTENTION_KINDS,
         depthwise: bool = False,
-        gate_scale: float = 1.0,
-        zero_init: bool = False,
+        gate_scale: float = 2.0,
+        zero_init: bool = True,
+        normalize: bool = True,
         summary: str = "pooled",
         summary_bins: int = 8,
     ) -> None:
@@ -110,6 +127,9 @@ class KernelGenerator(nn.Module):
         self.register_buffer("temperature", torch.tensor(1.0), persistent=True)
 
         self.fuse = nn.Linear(repr_dim + in_channels, self.hidden)
+        # Per-sample stand-in for ODConv's BatchNorm; no parameters, so state dicts are unchanged.
+        self.norm = nn.LayerNorm(self.hidden, elementwise_affine=False) if normalize else None
+        self.readout = self.hidden**-0.5 if normalize else 1.0
         sizes = {
             "channel": in_channels,
             "filter": 0 if depthwise else out_channels,
@@ -168,18 +188,18 @@ class KernelGenerator(nn.Module):
             fused_in = torch.cat([d.to(h.dtype), h], dim=1)
         else:
             fused_in = h
-        fused = F.relu(self.fuse(fused_in))
+        fused = self.fuse(fused_in)
+        if self.norm is not None:
+            fused = self.norm(fused)
+        fused = F.relu(fused)
         # All heads as one matrix product, one temperature division and one sigmoid (a batch-1
         # forward is bound by the number of small operators); the heads stay separate parameters.
         heads = list(self.heads.values())
-        logits = (
-            F.linear(
-                fused,
-                torch.cat([head.weight for head in heads]) if len(heads) > 1 else heads[0].weight,
-                torch.cat([head.bias for head in heads]) if len(heads) > 1 else heads[0].bias,
-            )
-            / self.temperature
-        )
+        logits = F.linear(
+            fused,
+            torch.cat([head.weight for head in heads]) if len(heads) > 1 else heads[0].weight,
+            torch.cat([head.bias for head in heads]) if len(heads) > 1 else heads[0].bias,
+        ) * (self.readout / self.temperature)
         kinds = list(self.heads.keys())
         sizes = [head.out_features for head in heads]
         gated = sum(size for kind, size in zip(kinds, sizes, strict=True) if kind != "kernel")
@@ -207,5 +227,6 @@ class KernelGenerator(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"hidden={self.hidden}, repr_dim={self.repr_dim}, kernel_num={self.kernel_num}, "
-            f"attentions={tuple(self.heads.keys())}, gate_scale={self.gate_scale}"
+            f"attentions={tuple(self.heads.keys())}, gate_scale={self.gate_scale}, "
+            f"normalize={self.norm is not None}"
         )

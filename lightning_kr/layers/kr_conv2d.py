@@ -40,7 +40,8 @@ class KRConv2d(KRLayer):
         repr_dim: size ``D`` of the kernel representation; 0 = no representation (ODConv / DyConv).
         reduction, min_hidden: attention hidden width ``max(C_in · reduction, min_hidden)``.
         attentions: subset of ``("channel", "filter", "spatial", "kernel")``.
-        gate_scale, zero_init: see :class:`KernelGenerator` (2 and True give neutral attentions).
+        gate_scale, zero_init, normalize: see :class:`KernelGenerator` (the defaults start
+            with neutral attentions: the layer computes the static convolution at initialisation).
         strategy: how per-sample kernels are applied (``"auto"`` picks by shape; all are exact).
 
     Shapes:
@@ -71,8 +72,9 @@ class KRConv2d(KRLayer):
         reduction: float = 1 / 16,
         min_hidden: int = 16,
         attentions: tuple[str, ...] = ATTENTION_KINDS,
-        gate_scale: float = 1.0,
-        zero_init: bool = False,
+        gate_scale: float = 2.0,
+        zero_init: bool = True,
+        normalize: bool = True,
         strategy: Strategy = "auto",
     ) -> None:
         super().__init__()
@@ -116,12 +118,15 @@ class KRConv2d(KRLayer):
             depthwise=depthwise,
             gate_scale=gate_scale,
             zero_init=zero_init,
+            normalize=normalize,
         )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for candidate in self.weight:
             nn.init.kaiming_normal_(candidate, mode="fan_out", nonlinearity="relu")
+        with torch.no_grad():
+            self.weight.div_(self.mix_scale)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -144,7 +149,7 @@ class KRConv2d(KRLayer):
         return layer
 
     def to_static(self) -> nn.Conv2d:
-        """The static ``nn.Conv2d`` of the same shape (weight: the mean of the candidates)."""
+        """The static ``nn.Conv2d`` of the same shape (weight: :meth:`static_weight`)."""
         conv = nn.Conv2d(
             self.in_channels,
             self.out_channels,
@@ -182,7 +187,7 @@ class KRConv2d(KRLayer):
             channel_att=att.channel,
             filter_att=att.filter,
             spatial_att=att.spatial,
-            kernel_att=att.kernel,
+            kernel_att=self.kernel_mixing(att.kernel),
             bias=self.bias,
             stride=self.stride,
             padding=padding,

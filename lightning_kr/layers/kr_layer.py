@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -39,6 +41,11 @@ class KRLayer(nn.Module):
     A KR layer is attached to a :class:`ReprChain` by :func:`~lightning_kr.kr_convert` (or by hand with
     :meth:`attach`). Its ``forward`` reads ``d_i`` from the chain and writes ``d_{i+1}``; the pure form
     ``forward_with_repr(x, d) -> (y, d_next)`` needs no chain.
+
+    Candidates are stored divided by ``√n`` and mixed with ``√n · a_kn`` (``W_b = √n Σ_n a_kn[b,n] V_n``,
+    the same kernels). With the plain mixture each candidate receives ``a_kn ≈ 1/n`` of the kernel's
+    gradient, so an SGD step moved the mixed kernel ``n`` times less than the static kernel's step and
+    a 4x network learned four times slower; with the ``√n`` factor the step is the static one.
     """
 
     kr_name: str = ""
@@ -82,19 +89,33 @@ class KRLayer(nn.Module):
         self.write_repr(d_next)
         return y
 
+    @property
+    def mix_scale(self) -> float:
+        """``√n``: the factor of the kernel-number attention in the mixture (see the class doc)."""
+        return math.sqrt(self.kernel_num)
+
+    def kernel_mixing(self, kernel_att: Tensor | None) -> Tensor | None:
+        """Mixing weights ``√n · a_kn`` (B, n) of the stored candidates, or ``None`` (n = 1)."""
+        return None if kernel_att is None else kernel_att * self.mix_scale
+
+    def static_weight(self) -> Tensor:
+        """The kernel of uniform kernel-number attention: ``√n · mean_n V_n``."""
+        return self.weight.mean(0) * self.mix_scale
+
     def load_static(self, static: nn.Module, init_noise: float) -> None:
         """Move to ``static``'s device/dtype; candidates from its weight (see
         :func:`candidates_from_static`), its bias as is."""
         self.to(device=static.weight.device, dtype=static.weight.dtype)
         with torch.no_grad():
-            self.weight.copy_(candidates_from_static(static.weight, self.kernel_num, init_noise))
+            candidates = candidates_from_static(static.weight, self.kernel_num, init_noise)
+            self.weight.copy_(candidates / self.mix_scale)
             if static.bias is not None:
                 self.bias.copy_(static.bias)
 
     def store_static(self, static: nn.Module) -> nn.Module:
         """Write the mean of the candidates and the bias into ``static`` (same shape); return it."""
         with torch.no_grad():
-            static.weight.copy_(self.weight.mean(0))
+            static.weight.copy_(self.static_weight())
             if self.bias is not None:
                 static.bias.copy_(self.bias)
         return static

@@ -19,7 +19,8 @@ class KRLinear(KRLayer):
 
     Args:
         in_features, out_features, bias: as in :class:`torch.nn.Linear`.
-        kernel_num, repr_dim, reduction, min_hidden, attentions, gate_scale, zero_init: see
+        kernel_num, repr_dim, reduction, min_hidden, attentions, gate_scale, zero_init,
+            normalize: see
             :class:`~lightning_kr.layers.KRConv2d`.
 
     Shapes:
@@ -44,8 +45,9 @@ class KRLinear(KRLayer):
         reduction: float = 1 / 16,
         min_hidden: int = 16,
         attentions: tuple[str, ...] = ATTENTION_KINDS,
-        gate_scale: float = 1.0,
-        zero_init: bool = False,
+        gate_scale: float = 2.0,
+        zero_init: bool = True,
+        normalize: bool = True,
     ) -> None:
         super().__init__()
         if kernel_num < 1:
@@ -66,13 +68,14 @@ class KRLinear(KRLayer):
             attentions=attentions,
             gate_scale=gate_scale,
             zero_init=zero_init,
+            normalize=normalize,
         )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for candidate in self.weight:
             static = nn.Linear(self.in_features, self.out_features)
-            candidate.data.copy_(static.weight.data)
+            candidate.data.copy_(static.weight.data / self.mix_scale)
         if self.bias is not None:
             bound = 1 / self.in_features**0.5
             nn.init.uniform_(self.bias, -bound, bound)
@@ -85,7 +88,7 @@ class KRLinear(KRLayer):
         return layer
 
     def to_static(self) -> nn.Linear:
-        """The static ``nn.Linear`` of the same shape (weight: the mean of the candidates)."""
+        """The static ``nn.Linear`` of the same shape (weight: :meth:`static_weight`)."""
         linear = nn.Linear(
             self.in_features,
             self.out_features,
@@ -113,7 +116,7 @@ class KRLinear(KRLayer):
             self.weight,
             channel_att=att.channel,
             filter_att=att.filter,
-            kernel_att=att.kernel,
+            kernel_att=self.kernel_mixing(att.kernel),
             bias=self.bias,
         )
         return y.reshape(*x.shape[:-1], self.out_features), att.repr_out

@@ -113,8 +113,8 @@ class KRMultiheadAttention(nn.Module):
             self.embed_dim, self.num_heads, self.dropout, has_bias, batch_first=self.batch_first
         ).to(device=self.in_proj.weight.device, dtype=self.in_proj.weight.dtype)
         with torch.no_grad():
-            mha.in_proj_weight.copy_(self.in_proj.weight.mean(0))
-            mha.out_proj.weight.copy_(self.out_proj.weight.mean(0))
+            mha.in_proj_weight.copy_(self.in_proj.static_weight())
+            mha.out_proj.weight.copy_(self.out_proj.static_weight())
             if has_bias:
                 mha.in_proj_bias.copy_(self.in_proj.bias)
                 mha.out_proj.bias.copy_(self.out_proj.bias)
