@@ -20,7 +20,7 @@ from lightning_kr import KRConv2d, kr_convert
 from lightning_kr.data.digits import digit_images
 from lightning_kr.layers import KernelGenerator
 
-MODES = [("kr", 1), ("kr", 4), ("odconv", 1), ("odconv", 4), ("dyconv", 4)]
+MODES = [("kr", 1), ("kr", 4), ("odconv", 1), ("odconv", 4), ("dyconv", 1), ("dyconv", 4)]
 
 
 def record_generators(model: nn.Module) -> dict[str, dict[str, Tensor]]:

@@ -195,11 +195,14 @@ class KernelGenerator(nn.Module):
         # All heads as one matrix product, one temperature division and one sigmoid (a batch-1
         # forward is bound by the number of small operators); the heads stay separate parameters.
         heads = list(self.heads.values())
-        logits = F.linear(
-            fused,
-            torch.cat([head.weight for head in heads]) if len(heads) > 1 else heads[0].weight,
-            torch.cat([head.bias for head in heads]) if len(heads) > 1 else heads[0].bias,
-        ) * (self.readout / self.temperature)
+        if heads:
+            logits = F.linear(
+                fused,
+                torch.cat([head.weight for head in heads]) if len(heads) > 1 else heads[0].weight,
+                torch.cat([head.bias for head in heads]) if len(heads) > 1 else heads[0].bias,
+            ) * (self.readout / self.temperature)
+        else:  # e.g. DyConv at n = 1: no attention at all, the layer is its static convolution
+            logits = fused.new_zeros(fused.shape[0], 0)
         kinds = list(self.heads.keys())
         sizes = [head.out_features for head in heads]
         gated = sum(size for kind, size in zip(kinds, sizes, strict=True) if kind != "kernel")
