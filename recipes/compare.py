@@ -398,7 +398,12 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] | None = None
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 160)
-    log = log or console.print
+    if log is None:
+
+        def log(line: str) -> None:
+            console.print(line)
+            sys.stdout.flush()  # progress shows when the output goes to a file too
+
     split = (
         folder_split(args.data_root, args.train_per_class, args.classes, args.image_size)
         if args.data_root
