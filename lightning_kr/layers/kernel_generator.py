@@ -27,11 +27,11 @@ Choices the poster leaves open, fixed here:
   parameter (a BatchNorm γ) instead of ``hidden`` times faster.
 
 Why these defaults (measured with ``recipes/compare.py``; README "Learning"): with ODConv's
-initialisation (random attention heads, sigmoid gates in (0, 1)) and no BatchNorm, the attention
-logits at initialisation have a standard deviation of 2–5, a quarter to three quarters of the spatial
-gates are saturated, every kernel is scaled by about 1/8 and the candidate kernels receive 5–18 times
-the relative gradient of the static weights: a converted ResNet-18 trained from scratch learned far
-slower than the static one. Neutral attentions alone are not enough: the attention logits then move
+initialisation (random attention heads, sigmoid gates in (0, 1)) and no BatchNorm, the hidden vector
+of a converted ResNet-18 at initialisation has a standard deviation of 2–6, a quarter to three
+quarters of the spatial gates are saturated, every kernel is scaled by about 1/8 and the candidate
+kernels receive 2–20 times the relative gradient of the static weights: trained from scratch it
+learned far slower than the static network. Neutral attentions alone are not enough: the attention logits then move
 by ``lr · |h~|² · g`` per step, with ``|h~|²`` in the hundreds, and saturate within a few steps.
 """
 
