@@ -11,16 +11,19 @@ from torch import Tensor
 from lightning_kr.layers.kernel_generator import Attentions
 
 
-def per_sample_kernels(weight: Tensor, att: Attentions, groups: int) -> Tensor:
+def per_sample_kernels(
+    weight: Tensor, att: Attentions, groups: int, batch: int | None = None
+) -> Tensor:
     """W_b = √n sum_n a_kn[b,n] · a_s[b] ⊙ a_c[b] ⊙ a_f[b] ⊙ V_n, built explicitly: (B, O, I/g, kh, kw).
 
     ``weight`` holds a KR layer's stored candidates ``V_n`` (the kernels divided by √n, see
     :class:`~lightning_kr.layers.kr_layer.KRLayer`); ``att`` is its generator's output.
     """
     n, c_out, c_in_g, kh, kw = weight.shape
-    batch = next(
-        a for a in (att.channel, att.filter, att.spatial, att.kernel) if a is not None
-    ).shape[0]
+    if batch is None:
+        batch = next(
+            a for a in (att.channel, att.filter, att.spatial, att.kernel) if a is not None
+        ).shape[0]
     kernels = []
     for b in range(batch):
         k = torch.zeros(c_out, c_in_g, kh, kw, dtype=weight.dtype)

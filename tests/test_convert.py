@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 from torch import nn
-from torchvision.models import mobilenet_v2, resnet18, vit_b_16
+from torchvision.models import mobilenet_v2, resnet18, squeezenet1_1, vit_b_16
 
 from lightning_kr import KRModel, kr_convert
 from lightning_kr.layers import KRConv2d, KRLinear, KRMultiheadAttention
@@ -123,6 +123,14 @@ def test_batch_is_independent_per_sample():
 def test_other_image_sizes_work():
     model = small_resnet()
     assert model(torch.randn(2, 3, 48, 40)).shape == (2, 10)
+
+
+def test_inplace_relu_after_kr_layers_trains_at_imagenet_size():
+    """squeezenet1_1 puts ReLU(inplace=True) after every convolution; at 224×224 its first layers
+    run the folded strategy, whose output the ReLU modifies in place."""
+    model = kr_convert(squeezenet1_1(num_classes=10), input_size=224)
+    model(torch.randn(2, 3, 224, 224)).sum().backward()
+    assert all(layer.weight.grad is not None for _, layer in model.kr_layers())
 
 
 def test_ablation_modes():

@@ -138,6 +138,15 @@ def _fastest(
     return "unfold" if has_kernel_att else "tap_scaled"
 
 
+def portable_strategy(has_kernel_att: bool, has_spatial_att: bool) -> str:
+    """The strategy used under ``torch.export`` (ONNX): independent of the batch size.
+
+    ``"shared"`` where every sample has the same kernel, else ``"unfold"`` (im2col columns, scaled
+    by the spatial attention, and one batched matrix product with the per-sample kernels).
+    """
+    return "unfold" if has_kernel_att or has_spatial_att else "shared"
+
+
 def mix_candidates(
     weight: Tensor, kernel_att: Tensor | None, spatial_att: Tensor | None, batch: int
 ) -> Tensor:
@@ -213,7 +222,13 @@ def dynamic_conv2d(
     height, width = x.shape[-2:]
     out_h = conv_output_size(height, kh, stride[0], (top, bottom), dilation[0])
     out_w = conv_output_size(width, kw, stride[1], (left, right), dilation[1])
-    if strategy == "auto":
+    exporting = torch.compiler.is_exporting()
+    if exporting:
+        # torch.export / ONNX: a grouped convolution bakes the batch into ``groups`` and the
+        # strategy choice branches on it; the im2col product computes the same function for any
+        # batch, in plain operators.
+        strategy = portable_strategy(kernel_att is not None, spatial_att is not None)
+    elif strategy == "auto":
         strategy = choose_strategy(
             batch,
             weight.shape,
@@ -225,9 +240,9 @@ def dynamic_conv2d(
             (height, width),
         )
     conv_padding = (top, left)
-    # Tracers (fvcore, TorchScript export) cannot record custom autograd Functions: they get the
-    # same computation in plain operators.
-    recompute = not torch.jit.is_tracing()
+    # Tracers (fvcore, TorchScript, torch.export) cannot record custom autograd Functions: they
+    # get the same computation in plain operators.
+    recompute = not (torch.jit.is_tracing() or exporting)
     if strategy == "reference" or (strategy == "folded" and not recompute):
         return _reference_conv(
             x, weight, channel_att, filter_att, spatial_att, kernel_att, bias, stride,
@@ -238,7 +253,7 @@ def dynamic_conv2d(
         return FoldedGroupedConv.apply(
             x.to(dtype), weight.to(dtype), *_cast(dtype, channel_att, filter_att, spatial_att),
             *_cast(dtype, kernel_att, bias), stride, conv_padding, dilation, groups,
-        )  # fmt: skip
+        ).view(batch, c_out, out_h, out_w)  # fmt: skip
     if channel_att is not None:
         x = x * channel_att.to(x.dtype)[:, :, None, None]
 

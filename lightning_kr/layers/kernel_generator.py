@@ -117,6 +117,11 @@ class KernelGenerator(nn.Module):
             raise ValueError(
                 f"unknown attention kinds {sorted(unknown)}; choose from {ATTENTION_KINDS}"
             )
+        if kernel_num > 1 and "kernel" not in attentions:
+            raise ValueError(
+                f"kernel_num={kernel_num} candidates need the kernel-number attention to mix them: "
+                f"add 'kernel' to attentions {tuple(attentions)} or set kernel_num=1"
+            )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_area = kernel_area

@@ -210,7 +210,10 @@ class UnfoldConv(torch.autograd.Function):
         taps, positions = kh * kw, out_hw[0] * out_hw[1]
         kernels = weight.reshape(n, -1)
         per_sample = c_in * taps * positions + (0 if kernel_att is None else kernels.shape[1])
-        y = x.new_empty(batch, c_out, positions)
+        # Allocated in the output's shape and returned as is: a view returned by a custom Function
+        # could not be modified in place by the next layer (ReLU(inplace=True)).
+        y = x.new_empty(batch, c_out, *out_hw)
+        y_flat = y.view(batch, c_out, positions)
         for chunk in batch_chunks(batch, per_sample, x.element_size()):
             cols = _scaled_columns(
                 x[chunk], spatial_att, chunk, (kh, kw), dilation, padding, stride
@@ -223,10 +226,10 @@ class UnfoldConv(torch.autograd.Function):
                 kernel = (kernel_att[chunk] @ kernels).view(
                     count, groups, c_out // groups, c_in_g * taps
                 )
-            y[chunk] = torch.matmul(kernel, cols).view(count, c_out, positions)
+            y_flat[chunk] = torch.matmul(kernel, cols).view(count, c_out, positions)
         ctx.save_for_backward(x, weight, kernel_att, spatial_att)
         ctx.conv = (stride, padding, dilation, groups, out_hw)
-        return y.view(batch, c_out, *out_hw)
+        return y
 
     @staticmethod
     @once_differentiable
@@ -326,7 +329,9 @@ class FoldedGroupedConv(torch.autograd.Function):
     Shapes: x (B, C_in, H, W) raw (no attention applied); weight (n, C_out, C_in / g, kh, kw);
     channel_att (B, C_in), filter_att (B, C_out), spatial_att (B, kh·kw), kernel_att (B, n), each or
     None; bias (C_out,) or None; stride, padding (top, left), dilation (2,); groups g
-    → y (B, C_out, H', W').
+    → y (1, B·C_out, H', W'), the grouped convolution's own output: the caller views it as
+    (B, C_out, H', W') (a view returned by a custom Function could not be modified in place by the
+    next layer, e.g. ``ReLU(inplace=True)``).
     """
 
     @staticmethod
@@ -351,7 +356,7 @@ class FoldedGroupedConv(torch.autograd.Function):
         )
         ctx.save_for_backward(x, weight, channel_att, filter_att, spatial_att, kernel_att)
         ctx.conv = (stride, padding, dilation, groups, bias is not None)
-        return y.view(batch, weight.shape[1], *y.shape[2:])
+        return y
 
     @staticmethod
     @once_differentiable
@@ -382,7 +387,7 @@ class FoldedGroupedConv(torch.autograd.Function):
         if need[0]:
             grads[0] = grad_x.view_as(x)
         if has_bias and need[6]:
-            grads[6] = grad_y.sum(dim=(0, 2, 3))
+            grads[6] = grad_y.view(batch, c_out, -1).sum(dim=(0, 2))
         if not any(need[1:6]):
             return tuple(grads)
         grad_folded = grad_folded.view(batch, c_out, c_in_g, taps)

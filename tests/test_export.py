@@ -1,0 +1,133 @@
+"""ONNX export: one file, any batch, the same numbers as eager PyTorch (onnxruntime, CPU)."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from lightning_kr import kr_convert
+from lightning_kr.export import onnx_batch_is_free, to_onnx
+
+BATCHES = (1, 3, 8)
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(16, 24, 3, stride=2, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(24, 24, (1, 3), padding=(0, 1)),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(24, 10),
+    )
+
+
+def depthwise_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16),  # depthwise
+        nn.Conv2d(16, 32, 1),  # pointwise
+        nn.ReLU6(inplace=True),
+        nn.Conv2d(32, 32, 5, padding=2, groups=8),  # grouped
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+
+
+def small_vit() -> nn.Module:
+    return torchvision.models.VisionTransformer(
+        image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+        num_classes=10,
+    )  # fmt: skip
+
+
+def trained_looking(model: nn.Module) -> nn.Module:
+    """Attentions away from their neutral start and BatchNorm statistics that are not (0, 1)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "generator" in name or "kr_head" in name:
+                p.add_(0.3 * torch.randn_like(p))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def assert_onnx_matches_eager(model: nn.Module, path, size: int = 16) -> None:
+    to_onnx(model, path, torch.randn(2, 3, size, size))
+    assert onnx_batch_is_free(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model.eval()
+    for batch in BATCHES:
+        x = torch.randn(batch, 3, size, size)
+        with torch.no_grad():
+            expected = model(x)
+        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "kernel_num"),
+    [("kr", 1), ("kr", 4), ("odconv", 1), ("odconv", 4), ("dyconv", 1), ("dyconv", 4)],
+)
+def test_small_cnn_exports_with_a_free_batch_in_every_mode(tmp_path, mode, kernel_num):
+    model = trained_looking(
+        kr_convert(small_cnn(), input_size=16, mode=mode, kernel_num=kernel_num)
+    )
+    assert_onnx_matches_eager(model, tmp_path / "cnn.onnx")
+
+
+@pytest.mark.parametrize("kernel_num", [1, 4])
+def test_depthwise_network_exports_with_a_free_batch(tmp_path, kernel_num):
+    model = trained_looking(kr_convert(depthwise_net(), input_size=16, kernel_num=kernel_num))
+    assert_onnx_matches_eager(model, tmp_path / "depthwise.onnx")
+
+
+@pytest.mark.parametrize("kernel_num", [1, 4])
+def test_small_vit_exports_with_a_free_batch(tmp_path, kernel_num):
+    model = trained_looking(kr_convert(small_vit(), input_size=16, kernel_num=kernel_num))
+    assert_onnx_matches_eager(model, tmp_path / "vit.onnx")
+
+
+def test_export_keeps_the_training_mode_and_accepts_a_batch_of_one(tmp_path):
+    model = kr_convert(small_cnn(), input_size=16).train()
+    path = to_onnx(model, tmp_path / "sub" / "one.onnx", torch.randn(1, 3, 16, 16))
+    assert path.exists() and model.training
+    assert onnx_batch_is_free(path)
+
+
+def test_fixed_batch_export_is_fixed(tmp_path):
+    path = to_onnx(
+        kr_convert(small_cnn(), input_size=16), tmp_path / "fixed.onnx", torch.randn(4, 3, 16, 16),
+        dynamic_batch=False,
+    )  # fmt: skip
+    assert not onnx_batch_is_free(path)
+
+
+def test_bad_example_says_what_to_pass(tmp_path):
+    with pytest.raises(ValueError, match="one input tensor"):
+        to_onnx(kr_convert(small_cnn(), input_size=16), tmp_path / "x.onnx", [1, 2, 3])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("builder", "size"), [(torchvision.models.resnet18, 64), (torchvision.models.vit_b_16, 224)]
+)
+@pytest.mark.parametrize("kernel_num", [1, 4])
+def test_torchvision_models_export_with_a_free_batch(tmp_path, builder, size, kernel_num):
+    kwargs = {"image_size": size} if builder is torchvision.models.vit_b_16 else {}
+    model = trained_looking(
+        kr_convert(builder(num_classes=10, **kwargs), input_size=size, kernel_num=kernel_num)
+    )
+    assert_onnx_matches_eager(model, tmp_path / "model.onnx", size=size)
