@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -75,6 +76,8 @@ class _Probe:
     batch_ok: dict[str, bool] = field(default_factory=dict)
     self_attention: dict[str, bool] = field(default_factory=dict)
     num_classes: int = 0
+    mode: str = "train"  # the mode the probe pass ran in
+    fallback_reason: str | None = None  # why the training-mode pass failed, if it did
 
 
 def _probe(model: nn.Module, example: Tensor, names: dict[nn.Module, str]) -> _Probe:
@@ -112,9 +115,18 @@ def _probe(model: nn.Module, example: Tensor, names: dict[nn.Module, str]) -> _P
             try:
                 model.train()
                 out = model(example)
-            except Exception:
+            except Exception as train_error:
                 # Some models cannot run a training-mode step on a tiny batch; eval mode still shows
-                # every layer that runs at inference.
+                # every layer that runs at inference (not those that run only in training).
+                probe.mode = "eval"
+                probe.fallback_reason = f"{type(train_error).__name__}: {train_error}"
+                warnings.warn(
+                    "kr_convert's probe pass failed in training mode "
+                    f"({probe.fallback_reason}) and ran in eval mode instead: layers that run only "
+                    "in training (auxiliary heads) are not converted. Pass example_input= with "
+                    "images the model can train on (e.g. a larger batch) to probe in training mode.",
+                    stacklevel=3,
+                )
                 probe.order.clear()
                 probe.batch_ok.clear()
                 probe.self_attention.clear()
@@ -364,7 +376,12 @@ def kr_convert(
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     decisions.sort(key=lambda d: order.get(d.name, len(order)))
     report = ConversionReport(
-        decisions=decisions, params_before=params_before, first_layer=first, classifier=classifier
+        decisions=decisions,
+        params_before=params_before,
+        first_layer=first,
+        classifier=classifier,
+        probe_mode=probe.mode,
+        probe_fallback_reason=probe.fallback_reason,
     )
     kr_model = KRModel(model, config, probe.num_classes, in_channels, report)
     kr_model.to(dtype=example.dtype)

@@ -17,6 +17,9 @@ import torch
 from torch import Tensor, nn
 
 EXPORT_PACKAGES = ("onnx", "onnxscript")
+ONNX_SINGLE_FILE_LIMIT = (
+    1_800_000_000  # bytes of weights kept inside the .onnx file (protobuf: 2 GB)
+)
 
 
 def to_onnx(
@@ -87,6 +90,9 @@ def to_onnx(
             dynamic_shapes=dynamic_shapes,
             input_names=[input_name],
             output_names=[output_name],
+            # One self-contained file, unless the weights pass protobuf's 2 GB limit (then they go
+            # to ``path`` + ".data" beside it).
+            external_data=_parameter_bytes(model) > ONNX_SINGLE_FILE_LIMIT,
             verbose=False,
         )
         if verify:
@@ -94,6 +100,11 @@ def to_onnx(
     finally:
         model.train(was_training)
     return path
+
+
+def _parameter_bytes(model: nn.Module) -> int:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def onnx_batch_is_free(path: str | Path) -> bool:

@@ -32,6 +32,8 @@ class ConversionReport:
     params_after: int = 0
     first_layer: str | None = None  # the stem / patch embedding left static
     classifier: str | None = None  # the final classifier: the joint head's feature branch
+    probe_mode: str = "train"  # "eval" when the training-mode probe pass failed
+    probe_fallback_reason: str | None = None  # the error of that failed training-mode pass
 
     @property
     def replaced(self) -> list[LayerDecision]:
@@ -47,6 +49,8 @@ class ConversionReport:
             "params_after": self.params_after,
             "first_layer": self.first_layer,
             "classifier": self.classifier,
+            "probe_mode": self.probe_mode,
+            "probe_fallback_reason": self.probe_fallback_reason,
             "decisions": [asdict(d) for d in self.decisions],
         }
 
@@ -57,6 +61,11 @@ class ConversionReport:
                 f"params {self.params_before / 1e6:.2f} M → {self.params_after / 1e6:.2f} M"
             )
         )
+        if self.probe_fallback_reason is not None:
+            table.caption = (
+                f"probe pass in eval mode (training mode failed: {self.probe_fallback_reason}); "
+                "layers that run only in training were not seen"
+            )
         for column in ("layer", "type", "action", "params before", "params after", "reason"):
             table.add_column(column, overflow="fold")
         for d in self.decisions:

@@ -122,33 +122,54 @@ def _format(value: Any) -> str:
 class AutoencoderReport(Callback):
     """After ``fit`` or ``validate``: measure the model, print a table, write ``report.json``.
 
-    The figures are also kept in :attr:`figures`. ``encoder.pt``, ``autoencoder.pt`` (state dicts)
-    and ``report.json`` go to the trainer's log directory.
+    The figures are also kept in :attr:`figures` and the folder in :attr:`out_dir`.
+    ``encoder.pt``, ``autoencoder.pt`` (state dicts) and ``report.json`` go to the run's folder: the
+    logger's log directory, or without a logger ``<default_root_dir>/autoencoder_runs/<time>``
+    (never loose files in the working directory). Rank zero measures and writes; the folder is
+    resolved on every rank (``trainer.log_dir`` is a collective call).
 
     Args:
         timing_size: side of the square image whose CPU reconstruction time is measured.
         timing_repeats: timed runs (after 2 warm-ups); the fastest is reported.
+        dirpath: write to this folder instead.
     """
 
-    def __init__(self, timing_size: int = 512, timing_repeats: int = 5) -> None:
+    def __init__(
+        self, timing_size: int = 512, timing_repeats: int = 5, dirpath: str | None = None
+    ) -> None:
         self.timing_size = timing_size
         self.timing_repeats = timing_repeats
+        self.dirpath = dirpath
         self.figures: dict[str, Any] = {}
+        self.out_dir: Path | None = None
         self._fit_start = 0.0
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_start = time.perf_counter()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._report(trainer, pl_module, fit_seconds=time.perf_counter() - self._fit_start)
+        out_dir = self.run_folder(trainer)
+        self._report(trainer, pl_module, out_dir, fit_seconds=time.perf_counter() - self._fit_start)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == "validate":
-            self._report(trainer, pl_module)
+            self._report(trainer, pl_module, self.run_folder(trainer))
+
+    def run_folder(self, trainer: Trainer) -> Path:
+        """The folder of this run's files; call it on every rank (it broadcasts)."""
+        if self.dirpath is not None:
+            self.out_dir = Path(self.dirpath)
+        elif trainer.loggers:
+            self.out_dir = Path(trainer.log_dir)
+        else:
+            stamp = trainer.strategy.broadcast(time.strftime("%Y%m%d-%H%M%S"))
+            self.out_dir = Path(trainer.default_root_dir) / "autoencoder_runs" / stamp
+        return self.out_dir
 
     @rank_zero_only
-    def _report(self, trainer: Trainer, pl_module: LightningModule, **extra: float) -> None:
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    def _report(
+        self, trainer: Trainer, pl_module: LightningModule, out_dir: Path, **extra: float
+    ) -> None:
         metrics = trainer.callback_metrics
         self.figures = {
             "kind": pl_module.hparams.get("kind"),
@@ -162,6 +183,7 @@ class AutoencoderReport(Callback):
         }
         (out_dir / "report.json").write_text(json.dumps(self.figures, indent=2))
         Console().print(report_table({self.figures["kind"]: self.figures}))
+        Console().print(f"report.json, encoder.pt, autoencoder.pt → {out_dir}")
 
 
 class ReconstructionWriter(BasePredictionWriter):

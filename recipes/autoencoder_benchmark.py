@@ -4,15 +4,13 @@
     python recipes/autoencoder_benchmark.py --trainer.max_epochs=2    # any recipe argument
 
 Every argument is passed to both ``recipes/autoencoder.py fit`` runs (same data, seed, schedule);
-only ``--model.kind`` differs. The table and ``benchmark.json`` (in the first run's log folder's
-parent) hold PSNR/SSIM on held-out photographs, parameters, saved sizes and 512×512 CPU time.
+only ``--model.kind`` differs. The table and ``benchmark.json`` (beside the two runs' folders) hold PSNR/SSIM on held-out photographs, parameters, saved sizes and 512×512 CPU time.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 # `python recipes/autoencoder_benchmark.py` puts recipes/ first on sys.path.
@@ -32,9 +30,12 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, Any]]:
         cli = autoencoder_main(["fit", *args, f"--model.kind={kind}"])
         report = next(cb for cb in cli.trainer.callbacks if isinstance(cb, AutoencoderReport))
         reports[kind] = report.figures
-        log_dirs.append(Path(cli.trainer.log_dir or cli.trainer.default_root_dir))
+        log_dirs.append(report.out_dir)
     Console().print(report_table(reports, title="dynamic vs static autoencoder"))
-    (log_dirs[0].parent / "benchmark.json").write_text(json.dumps(reports, indent=2))
+    if cli.trainer.is_global_zero:
+        path = log_dirs[0].parent / "benchmark.json"
+        path.write_text(json.dumps(reports, indent=2))
+        Console().print(f"benchmark.json → {path}")
     return reports
 
 

@@ -1,6 +1,9 @@
 """The autoencoders, the bundled-photo data module, and the recipe's fit / validate / predict."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,3 +171,30 @@ def test_benchmark_prints_both_kinds(recipe, tmp_path):
         json.loads((tmp_path / "autoencoder" / "benchmark.json").read_text()).keys()
         == reports.keys()
     )
+
+
+def test_recipe_under_ddp_without_a_logger_writes_to_its_run_folder(tmp_path):
+    """Two CPU processes (``strategy="ddp"`` relaunches the script), no logger: the report is
+    written once, in ``<default_root_dir>/autoencoder_runs/<time>``, nothing in the working folder,
+    and no rank waits on a collective call that only rank zero makes (a hang before)."""
+    workdir, root = tmp_path / "cwd", tmp_path / "root"
+    workdir.mkdir()
+    args = [
+        a
+        for a in fit_args(tmp_path)
+        if not a.startswith(("--trainer.logger", "--trainer.default_root_dir"))
+    ]
+    command = [
+        sys.executable, str(RECIPES / "autoencoder.py"), "fit", *args, "--trainer.logger=false",
+        f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu", "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(RECIPES.parent)}
+    result = subprocess.run(
+        command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (root / "autoencoder_runs").iterdir()
+    assert {p.name for p in run.iterdir()} >= {"report.json", "encoder.pt", "autoencoder.pt"}
+    assert json.loads((run / "report.json").read_text())["kind"] == "dynamic"
+    assert list(workdir.iterdir()) == []

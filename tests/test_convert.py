@@ -286,3 +286,19 @@ def test_torch_compile_inductor_resnet_inference_matches_eager():
     compiled = torch.compile(model)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_probe_falls_back_to_eval_mode_with_a_warning_and_a_report_line():
+    # BatchNorm1d cannot train on a batch of one: the training-mode probe fails, eval mode works.
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.BatchNorm1d(8), nn.Linear(8, 10),
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="ran in eval mode instead"):
+        kr_model = kr_convert(model, example_input=torch.randn(1, 3, 16, 16))
+    report = kr_model.report
+    assert report.probe_mode == "eval"
+    assert "Expected more than 1 value per channel" in report.probe_fallback_reason
+    assert report.as_dict()["probe_mode"] == "eval"
+    assert "probe pass in eval mode" in str(report)
+    assert kr_convert(model, input_size=16).report.probe_mode == "train"

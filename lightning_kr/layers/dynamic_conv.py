@@ -138,13 +138,24 @@ def _fastest(
     return "unfold" if has_kernel_att else "tap_scaled"
 
 
-def portable_strategy(has_kernel_att: bool, has_spatial_att: bool) -> str:
+def portable_strategy(
+    has_kernel_att: bool,
+    has_spatial_att: bool,
+    stride: tuple[int, int] = (1, 1),
+    groups: int = 1,
+    kernel_size: tuple[int, int] = (3, 3),
+) -> str:
     """The strategy used under ``torch.export`` (ONNX): independent of the batch size.
 
-    ``"shared"`` where every sample has the same kernel, else ``"unfold"`` (im2col columns, scaled
-    by the spatial attention, and one batched matrix product with the per-sample kernels).
+    ``"shared"`` where every sample has the same kernel; ``"taps"`` (one matrix product for all
+    taps, then shifted sums) for stride-1, dense k×k kernels; else ``"unfold"`` (im2col columns,
+    scaled by the spatial attention, and one batched matrix product with the per-sample kernels).
     """
-    return "unfold" if has_kernel_att or has_spatial_att else "shared"
+    if not (has_kernel_att or has_spatial_att):
+        return "shared"
+    if stride == (1, 1) and groups == 1 and kernel_size != (1, 1):
+        return "taps"
+    return "unfold"
 
 
 def mix_candidates(
@@ -227,7 +238,9 @@ def dynamic_conv2d(
         # torch.export / ONNX: a grouped convolution bakes the batch into ``groups`` and the
         # strategy choice branches on it; the im2col product computes the same function for any
         # batch, in plain operators.
-        strategy = portable_strategy(kernel_att is not None, spatial_att is not None)
+        strategy = portable_strategy(
+            kernel_att is not None, spatial_att is not None, stride, groups, (kh, kw)
+        )
     elif strategy == "auto":
         strategy = choose_strategy(
             batch,
@@ -329,7 +342,7 @@ def _taps_conv(
     Returns:
         (B, C_out, H', W').
     """
-    if not torch.jit.is_tracing():
+    if not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
         dtype = _compute_dtype(x)
         y = TapsConv.apply(
             x.to(dtype), weight.to(dtype), *_cast(dtype, kernel_att, spatial_att), padding,

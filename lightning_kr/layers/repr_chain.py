@@ -10,15 +10,42 @@ The current ``d`` lives in thread-local storage of the chain object: no module-l
 independent models never interfere, nested or repeated calls restore the previous value, and
 ``nn.DataParallel`` replicas (one thread each) keep their own ``d``. Under DDP each process holds its
 own model and so its own chain.
+
+Activation checkpointing (``torch.utils.checkpoint(..., use_reentrant=False)``) re-runs a block
+during backward, after the forward pass has closed its run. The chain records the ``d`` (detached)
+each layer read in the latest run; a layer re-run during backward reads that record and writes
+nothing, so the recomputed block sees the values of the original pass and the chain's state is left
+alone. The reentrant variant (``use_reentrant=True``) runs the block under ``no_grad``, which would
+cut the gradient of ``d`` through the block: it is refused with an error that names the fix.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+import torch.utils.checkpoint
 from torch import Tensor
+
+_REENTRANT_FORWARD = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+
+
+def _in_backward() -> bool:
+    """Whether this thread is executing a backward pass (where checkpointed blocks recompute)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _in_reentrant_checkpoint() -> bool:
+    """Whether the call stack passes through the reentrant checkpoint's forward."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is _REENTRANT_FORWARD:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class ReprChain:
@@ -26,11 +53,17 @@ class ReprChain:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        # Latest run's d per layer name (detached) and how often the layer read one: what a layer
+        # recomputed by activation checkpointing reads. Not thread-local: backward may run on
+        # another thread (the autograd engine's device threads).
+        self._recorded: dict[str, tuple[Tensor, int]] = {}
 
     @contextmanager
     def run(self, d0: Tensor) -> Iterator[ReprChain]:
         """Open a forward pass with the initial representation ``d0`` of shape (B, D)."""
         previous = getattr(self._local, "d", None)
+        if previous is None:
+            self._recorded = {}
         self._local.d = d0
         try:
             yield self
@@ -44,6 +77,8 @@ class ReprChain:
     def read(self, layer_name: str, batch_size: int) -> Tensor:
         """The current ``d`` (B, D) for the layer called ``layer_name`` that sees ``batch_size``."""
         d = getattr(self._local, "d", None)
+        if d is None and _in_backward():
+            return self._recorded_for(layer_name, batch_size)
         if d is None:
             raise RuntimeError(
                 f"KR layer '{layer_name}' ran outside a KR forward pass, so it has no kernel "
@@ -57,17 +92,46 @@ class ReprChain:
                 "the first dimension of their input; exclude this layer from kr_convert "
                 "(exclude=[...]) if the model reshapes the batch before it."
             )
+        if d.requires_grad and not torch.is_grad_enabled() and _in_reentrant_checkpoint():
+            raise RuntimeError(
+                f"KR layer '{layer_name}' runs inside torch.utils.checkpoint(..., "
+                "use_reentrant=True), which runs the block without autograd and would cut the "
+                "gradient of the kernel representation d through it. Pass use_reentrant=False: "
+                "KR layers recompute exactly under the non-reentrant checkpoint."
+            )
+        _, calls = self._recorded.get(layer_name, (None, 0))
+        self._recorded[layer_name] = (d.detach(), calls + 1)
+        return d
+
+    def _recorded_for(self, layer_name: str, batch_size: int) -> Tensor:
+        """The ``d`` a layer read in the latest run, for its recomputation during backward."""
+        d, calls = self._recorded.get(layer_name, (None, 0))
+        if d is None or d.shape[0] != batch_size:
+            raise RuntimeError(
+                f"KR layer '{layer_name}' is recomputed during backward (activation "
+                "checkpointing), but the latest forward pass of its model did not run it with this "
+                "batch. Call backward before the model's next forward pass."
+            )
+        if calls > 1:
+            raise RuntimeError(
+                f"KR layer '{layer_name}' ran {calls} times in one forward pass and is recomputed "
+                "during backward (activation checkpointing): which d each run saw is ambiguous. "
+                "Leave the blocks that reuse a KR layer out of the checkpointed region."
+            )
         return d
 
     def write(self, d: Tensor) -> None:
-        """Set ``d_{i+1}`` (B, D) for the next KR layer in execution order."""
-        self._local.d = d
+        """Set ``d_{i+1}`` (B, D) for the next KR layer in execution order (ignored when a layer is
+        recomputed during backward, outside any forward pass)."""
+        if getattr(self._local, "d", None) is not None:
+            self._local.d = d
 
     def __getstate__(self) -> dict:
         return {}
 
     def __setstate__(self, state: dict) -> None:
         self._local = threading.local()
+        self._recorded = {}
 
     def __deepcopy__(self, memo: dict) -> ReprChain:
         return ReprChain()
