@@ -26,29 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# `python recipes/export_benchmark.py` puts recipes/ first on sys.path: the same configurations and
+# builder as the speed benchmark.
+from benchmark import CONFIGS, build
 from rich.console import Console
 from rich.table import Table
 
-from lightning_kr import kr_convert
 from lightning_kr.export import to_onnx
-from lightning_kr.models import build_model
-
-CONFIGS: dict[str, dict[str, Any] | None] = {
-    "static": None,
-    "kr_1x": {"kernel_num": 1},
-    "kr_4x": {"kernel_num": 4},
-    "odconv_1x": {"kernel_num": 1, "mode": "odconv"},
-    "odconv_4x": {"kernel_num": 4, "mode": "odconv"},
-    "dyconv_4x": {"kernel_num": 4, "mode": "dyconv"},
-}
-
-
-def build(arch: str, config: str, size: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    static = build_model(arch, num_classes=1000, image_size=size)
-    options = CONFIGS[config]
-    model = static if options is None else kr_convert(static, input_size=size, **options)
-    return model.eval()
 
 
 def measure(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
@@ -56,7 +41,7 @@ def measure(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
 
     rows = []
     for config in args.configs:
-        model = build(args.arch, config, args.image_size)
+        model = build(args.arch, config, args.image_size, torch.device("cpu")).eval()
         path = folder / f"{args.arch}_{config}.onnx"
         start = time.perf_counter()
         to_onnx(model, path, torch.randn(2, 3, args.image_size, args.image_size), verify=False)

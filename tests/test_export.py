@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import onnxruntime as ort
 import pytest
 import torch
@@ -131,3 +134,21 @@ def test_torchvision_models_export_with_a_free_batch(tmp_path, builder, size, ke
         kr_convert(builder(num_classes=10, **kwargs), input_size=size, kernel_num=kernel_num)
     )
     assert_onnx_matches_eager(model, tmp_path / "model.onnx", size=size)
+
+
+@pytest.mark.slow
+def test_export_benchmark_recipe_prints_and_writes_rows(tmp_path, monkeypatch):
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    monkeypatch.syspath_prepend(str(recipes))
+    import export_benchmark
+
+    out = tmp_path / "export.json"
+    rows = export_benchmark.main(
+        ["--image-size", "16", "--batches", "1", "3", "--repeats", "1", "--warmup", "0",
+         "--configs", "static", "kr_1x", "--json", str(out)]
+    )  # fmt: skip
+    assert [(r["config"], r["batch"]) for r in rows] == [
+        ("static", 1), ("static", 3), ("kr_1x", 1), ("kr_1x", 3)
+    ]  # fmt: skip
+    assert all(r["max_abs_diff"] < 1e-4 for r in rows)
+    assert json.loads(out.read_text())["rows"] == rows
