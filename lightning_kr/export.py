@@ -2,9 +2,9 @@
 
 Dynamic convolutions usually export with the batch size of the example baked into the graph: the
 per-sample kernels run as one convolution with ``groups = batch`` (onnx/onnx#3843). Under
-``torch.export`` every KR layer switches to formulations that hold for any batch (the im2col product
-of :func:`~lightning_kr.layers.dynamic_conv.portable_strategy`, in plain operators), so one exported
-file serves batch 1 and batch 256 alike. Needs the ``export`` extra:
+``torch.export`` every KR layer switches to formulations that hold for any batch (the taps GEMM or
+the im2col product, :func:`~lightning_kr.layers.dynamic_conv.portable_strategy`, in plain
+operators), so one exported file serves batch 1 and batch 256 alike. Needs the ``export`` extra:
 ``pip install "lightning-kr[export]"`` (onnx, onnxscript; onnxruntime for the parity check).
 """
 
@@ -17,9 +17,8 @@ import torch
 from torch import Tensor, nn
 
 EXPORT_PACKAGES = ("onnx", "onnxscript")
-ONNX_SINGLE_FILE_LIMIT = (
-    1_800_000_000  # bytes of weights kept inside the .onnx file (protobuf: 2 GB)
-)
+# Bytes of weights kept inside the .onnx file (protobuf's limit is 2 GB); more go beside it.
+ONNX_SINGLE_FILE_LIMIT = 1_800_000_000
 
 
 def to_onnx(

@@ -236,8 +236,8 @@ def dynamic_conv2d(
     exporting = torch.compiler.is_exporting()
     if exporting:
         # torch.export / ONNX: a grouped convolution bakes the batch into ``groups`` and the
-        # strategy choice branches on it; the im2col product computes the same function for any
-        # batch, in plain operators.
+        # strategy choice branches on it; the portable forms (taps GEMM, im2col) compute the same
+        # function for any batch, in plain operators.
         strategy = portable_strategy(
             kernel_att is not None, spatial_att is not None, stride, groups, (kh, kw)
         )

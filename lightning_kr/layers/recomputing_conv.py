@@ -387,7 +387,7 @@ class FoldedGroupedConv(torch.autograd.Function):
         if need[0]:
             grads[0] = grad_x.view_as(x)
         if has_bias and need[6]:
-            grads[6] = grad_y.view(batch, c_out, -1).sum(dim=(0, 2))
+            grads[6] = grad_y.reshape(batch, c_out, -1).sum(dim=(0, 2))
         if not any(need[1:6]):
             return tuple(grads)
         grad_folded = grad_folded.view(batch, c_out, c_in_g, taps)
