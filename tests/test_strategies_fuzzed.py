@@ -110,7 +110,8 @@ def reference_forward(layer: KRConv2d, x: torch.Tensor, d: torch.Tensor) -> torc
     )
 
 
-def check_every_strategy(config: dict) -> None:
+def check_every_strategy(config: dict) -> list[str]:
+    """Assert every applicable strategy against the reference; return the strategies checked."""
     torch.manual_seed(0)
     layer = KRConv2d(**config["layer"], repr_dim=3, min_hidden=4, zero_init=False).double()
     x = torch.randn(config["batch"], layer.in_channels, *config["size"], dtype=torch.double)
@@ -120,7 +121,8 @@ def check_every_strategy(config: dict) -> None:
     inputs = (x, d, layer.weight, layer.generator.fuse.weight)
     grad_out = torch.randn_like(expected)
     want = torch.autograd.grad(expected, inputs, grad_out, materialize_grads=True)
-    for name in applicable_strategies(layer):
+    strategies = applicable_strategies(layer)
+    for name in strategies:
         layer.strategy = name
         y, _ = layer.forward_with_repr(x, d)
         y = torch.relu_(y)  # what ReLU(inplace=True) after the layer does
@@ -128,6 +130,7 @@ def check_every_strategy(config: dict) -> None:
         got = torch.autograd.grad(y, inputs, grad_out, materialize_grads=True)
         for g, w, what in zip(got, want, ("x", "d", "weight", "generator"), strict=True):
             torch.testing.assert_close(g, w, msg=lambda m, n=name, w_=what: f"{n}, d/d{w_}: {m}")
+    return strategies
 
 
 FAST = settings(
@@ -142,14 +145,14 @@ FAST = settings(
 @FAST
 @given(layer_configs())
 def test_every_strategy_equals_the_reference_and_survives_inplace(config):
-    check_every_strategy(config)
+    assert {"grouped", "folded", "unfold", "reference"} <= set(check_every_strategy(config))
 
 
 @pytest.mark.slow
 @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(layer_configs())
 def test_every_strategy_equals_the_reference_many_examples(config):
-    check_every_strategy(config)
+    assert {"grouped", "folded", "unfold", "reference"} <= set(check_every_strategy(config))
 
 
 @pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s not in ("shared", "taps")])
