@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from lightning_kr.layers.dynamic_conv import STRATEGIES
 from lightning_kr.layers.kernel_generator import ATTENTION_KINDS
 
 Mode = Literal["kr", "odconv", "dyconv"]
@@ -37,6 +38,10 @@ class KRConfig:
             raise ValueError(f"mode must be one of {sorted(MODES)}; got {self.mode!r}")
         if self.kernel_num < 1:
             raise ValueError(f"kernel_num must be >= 1 (1 = '1x', 4 = '4x'); got {self.kernel_num}")
+        if self.strategy != "auto" and self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"strategy must be 'auto' or one of {list(STRATEGIES)}; got {self.strategy!r}"
+            )
         if self.mode == "kr" and self.repr_dim < 1:
             raise ValueError(f"mode='kr' needs repr_dim >= 1; got {self.repr_dim}")
         if self.attentions is not None:

@@ -302,3 +302,10 @@ def test_probe_falls_back_to_eval_mode_with_a_warning_and_a_report_line():
     assert report.as_dict()["probe_mode"] == "eval"
     assert "probe pass in eval mode" in str(report)
     assert kr_convert(model, input_size=16).report.probe_mode == "train"
+
+
+def test_unknown_strategy_fails_at_conversion_not_at_the_first_forward():
+    with pytest.raises(ValueError, match="strategy must be 'auto' or one of"):
+        kr_convert(resnet18(num_classes=10), input_size=32, strategy="fastest")
+    with pytest.raises(ValueError, match="strategy must be 'auto' or one of"):
+        KRConv2d(4, 4, 3, strategy="fastest")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from lightning_kr.layers.dynamic_conv import Strategy, dynamic_conv2d
+from lightning_kr.layers.dynamic_conv import STRATEGIES, Strategy, dynamic_conv2d
 from lightning_kr.layers.kernel_generator import ATTENTION_KINDS, KernelGenerator
 from lightning_kr.layers.kr_layer import KRLayer
 
@@ -85,6 +85,10 @@ class KRConv2d(KRLayer):
             )
         if kernel_num < 1:
             raise ValueError(f"kernel_num must be >= 1; got {kernel_num}")
+        if strategy != "auto" and strategy not in STRATEGIES:
+            raise ValueError(
+                f"strategy must be 'auto' or one of {list(STRATEGIES)}; got {strategy!r}"
+            )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
