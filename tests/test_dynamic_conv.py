@@ -8,7 +8,7 @@ from lightning_kr.layers.dynamic_conv import choose_strategy
 from tests.reference import assert_same_values_and_gradients, naive_dynamic_conv2d
 
 
-def _choice(batch, c_in, c_out, side, stride, k, n):
+def _choice(batch, c_in, c_out, side, stride, k, n, padding=None):
     out = (side + 2 * (k // 2) - k) // stride + 1
     return choose_strategy(
         batch,
@@ -17,7 +17,8 @@ def _choice(batch, c_in, c_out, side, stride, k, n):
         has_kernel_att=n > 1,
         has_spatial_att=k > 1,
         stride=(stride, stride),
-        in_hw=(side + 2 * (k // 2), side + 2 * (k // 2)),
+        in_hw=(side + 2 * (k // 2), side + 2 * (k // 2)) if padding is None else (side, side),
+        padding=padding,
     )
 
 
@@ -42,6 +43,40 @@ def _choice(batch, c_in, c_out, side, stride, k, n):
 )
 def test_resnet18_shapes(batch, shape, n, expected):
     assert _choice(batch, *shape, n) == expected
+
+
+@pytest.mark.parametrize(
+    ("batch", "shape", "n", "expected"),
+    [
+        # ResNet-18 on 32×32 images: layer1 runs on 8², layer4 on 1².
+        (50, (64, 64, 8, 1, 3), 4, "unfold"),  # 64 positions: mixing kernels is cheaper
+        (50, (128, 128, 4, 1, 3), 4, "candidate_outputs"),  # 16 positions
+        (50, (128, 256, 4, 2, 3), 4, "candidate_outputs"),
+        (50, (256, 512, 2, 2, 1), 4, "candidate_outputs"),  # 1×1 kernel, 1 position
+        (50, (512, 512, 1, 1, 3), 4, "candidate_outputs"),  # only the centre tap is live
+        (1, (512, 512, 1, 1, 3), 4, "candidate_outputs"),
+        (50, (512, 512, 1, 1, 3), 1, "candidate_outputs"),  # n = 1: the dropped taps decide
+        (50, (256, 256, 2, 1, 3), 1, "taps"),  # every tap live
+        (50, (512, 512, 7, 1, 3), 4, "unfold"),  # 49 positions
+    ],
+)
+def test_small_map_choice_by_counted_cost(batch, shape, n, expected):
+    k = shape[-1]
+    assert _choice(batch, *shape, n, padding=(k // 2, k // 2)) == expected
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("side", [1, 2, 4])
+def test_resnet18_cifar_shapes_match_the_reference_where_candidate_outputs_is_chosen(n, side):
+    layer = KRConv2d(
+        16, 16, 3, 1, 1, kernel_num=n, repr_dim=4, min_hidden=4, zero_init=False
+    ).double()
+    x = torch.randn(5, 16, side, side, dtype=torch.double, requires_grad=True)
+    d = torch.randn(5, 4, dtype=torch.double)
+    y, _ = layer.forward_with_repr(x, d)
+    att = layer.generator(x.mean(dim=(2, 3)), d)
+    expected = naive_dynamic_conv2d(x, layer.weight, att, None, (1, 1), (1, 1), (1, 1), 1)
+    assert_same_values_and_gradients(y, expected, (x, layer.weight))
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -145,14 +145,18 @@ FAST = settings(
 @FAST
 @given(layer_configs())
 def test_every_strategy_equals_the_reference_and_survives_inplace(config):
-    assert {"grouped", "folded", "unfold", "reference"} <= set(check_every_strategy(config))
+    assert {"grouped", "folded", "unfold", "candidate_outputs", "reference"} <= set(
+        check_every_strategy(config)
+    )
 
 
 @pytest.mark.slow
 @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(layer_configs())
 def test_every_strategy_equals_the_reference_many_examples(config):
-    assert {"grouped", "folded", "unfold", "reference"} <= set(check_every_strategy(config))
+    assert {"grouped", "folded", "unfold", "candidate_outputs", "reference"} <= set(
+        check_every_strategy(config)
+    )
 
 
 @pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s not in ("shared", "taps")])

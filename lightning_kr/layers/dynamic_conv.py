@@ -23,6 +23,12 @@ computes ``conv(x_b, K_b)`` for the whole batch:
   n > 1), then the k² shifted partial outputs are weighted by the spatial attention and summed.
   Exactly the convolution's multiply-adds, as one large well-shaped GEMM: the fast path for wide
   layers on small feature maps, where a grouped convolution is slowest (stride 1, groups 1).
+* ``"candidate_outputs"``: no per-sample kernel at all: the im2col rows of the whole batch times all
+  ``n`` candidates in one matrix product ``(B·L, C_in·k²) @ (C_in·k², n·C_out)``, the spatial
+  attention on the columns, then the outputs mixed by ``a_kn``. ``n`` times the convolution's
+  multiply-adds, but the cheapest form on maps with few positions (CIFAR-sized inputs), where
+  mixing per-sample kernels costs more than the convolution itself; taps that only read padding
+  are dropped.
 * ``"reference"``: the textbook method (ODConv's code): the full per-sample kernel
   ``W_b`` (all four attentions folded in) through one ``groups = B`` convolution, for every layer:
   the benchmark's baseline, never chosen by ``"auto"``.
@@ -54,12 +60,37 @@ from lightning_kr.layers.recomputing_conv import (
 )
 
 Strategy = Literal[
-    "auto", "shared", "tap_scaled", "grouped", "folded", "unfold", "taps", "reference"
+    "auto",
+    "shared",
+    "tap_scaled",
+    "grouped",
+    "folded",
+    "unfold",
+    "taps",
+    "candidate_outputs",
+    "reference",
 ]
-STRATEGIES = ("shared", "tap_scaled", "grouped", "folded", "unfold", "taps", "reference")
+STRATEGIES = (
+    "shared",
+    "tap_scaled",
+    "grouped",
+    "folded",
+    "unfold",
+    "taps",
+    "candidate_outputs",
+    "reference",
+)
 
 
 SMALL_MAP = 256  # output positions (16 × 16) below which a grouped convolution loses to a GEMM
+
+PER_SAMPLE_KERNEL_COST = 40
+"""What writing and re-reading one element of a per-sample kernel costs, in multiply-adds of a
+well-shaped matrix product (CPU; ``python recipes/layer_benchmark.py --image-size 32``): the mixing
+product ``(B, n) @ (n, |W|)`` has an inner dimension of ``n`` and runs at memory speed, and so does the
+per-sample product that reads ``B × |W|`` back when a map has few positions. It sets where
+``"candidate_outputs"`` (``n·L·|W|`` multiply-adds in one large product) beats mixing the kernels
+(``(n + L + 2·PER_SAMPLE_KERNEL_COST)·|W|``): at n = 4, maps of up to about 28 positions."""
 
 
 def choose_strategy(
@@ -71,18 +102,28 @@ def choose_strategy(
     stride: tuple[int, int] = (1, 1),
     groups: int = 1,
     in_hw: tuple[int, int] | None = None,
+    padding: tuple[int, int] | None = None,
+    dilation: tuple[int, int] = (1, 1),
 ) -> str:
     """Pick the fastest exact strategy for one call.
 
-    Measured on CPU (``python recipes/layer_benchmark.py``, ResNet-18 shapes, batch 32): a grouped
-    convolution with ``groups = B`` runs close to the static convolution on large feature maps
-    (1.2x at 56², 64 channels) but 8–14x slower on small ones (7², 512 channels), where one GEMM over
-    the taps costs 1.6x; 1×1 kernels are cheapest as one batched matrix product. At batch 1 the
-    cost is the pass over the kernel that applies the spatial attention; where the im2col columns
-    are less than a quarter of the kernel (7², 512 channels) they take the attention instead.
-    With several candidates on the smallest maps (≤ 8², 512 channels: 3.7x vs 4.6x static) the
-    per-sample im2col product beats the taps, which must permute every candidate kernel. Where a
-    grouped convolution's per-sample kernel is smaller than the activations it is ``"folded"``.
+    First by counted cost, for dense convolutions (groups 1): convolving with all ``n`` candidates
+    and mixing the outputs (``"candidate_outputs"``) costs ``n·L·|W_live|`` multiply-adds (``L``
+    output positions, ``|W_live|`` the kernel without the taps that only read padding); mixing the
+    candidates into per-sample kernels costs ``(n + L)·|W|`` plus writing and reading ``B × |W|``
+    (:data:`PER_SAMPLE_KERNEL_COST`). On small maps (CIFAR-sized inputs: ResNet-18's last stages run
+    on 2×2 and 1×1 maps) the first is 3–40x faster; with one candidate it is chosen where taps drop.
+
+    Otherwise by shape, measured on CPU (``python recipes/layer_benchmark.py``, ResNet-18 shapes,
+    batch 32): a grouped convolution with ``groups = B`` runs close to the static convolution on
+    large feature maps (1.2x at 56², 64 channels) but 8–14x slower on small ones (7², 512 channels),
+    where one GEMM over the taps costs 1.6x; 1×1 kernels are cheapest as one batched matrix
+    product. At batch 1 the cost is the pass over the kernel that applies the spatial attention;
+    where the im2col columns are less than a quarter of the kernel (7², 512 channels) they take the
+    attention instead. With several candidates on the smallest maps (≤ 8², 512 channels: 3.7x vs
+    4.6x static) the per-sample im2col product beats the taps, which must permute every candidate
+    kernel. Where a grouped convolution's per-sample kernel is smaller than the activations it is
+    ``"folded"``.
 
     Args:
         batch: ``B``.
@@ -92,14 +133,31 @@ def choose_strategy(
         has_spatial_att: spatial attention present (k > 1).
         stride: convolution stride.
         groups: convolution groups.
-        in_hw: input spatial size ``(H, W)`` (default: ``out_hw`` times ``stride``).
+        in_hw: input spatial size ``(H, W)`` before padding (default: ``out_hw`` times ``stride``).
+        padding: ``(top, left)`` zero padding (symmetric); ``None``: every tap counts as live.
+        dilation: convolution dilation.
     """
+    height, width = in_hw or (out_hw[0] * stride[0], out_hw[1] * stride[1])
+    if (has_kernel_att or has_spatial_att) and groups == 1:
+        n, _c_out, _c_in, kh, kw = weight_shape
+        live = (
+            kh * kw
+            if padding is None
+            else len(live_taps((kh, kw), stride, padding, dilation, (height, width), out_hw))
+        )
+        positions = out_hw[0] * out_hw[1]
+        if has_kernel_att:
+            candidates = n * positions * live
+            mixing = (n + positions + 2 * PER_SAMPLE_KERNEL_COST) * kh * kw
+            if candidates <= mixing:
+                return "candidate_outputs"
+        elif live < kh * kw:
+            return "candidate_outputs"
     strategy = _fastest(
         batch, weight_shape, out_hw, has_kernel_att, has_spatial_att, stride, groups
     )
     if strategy == "grouped":
         _n, c_out, c_in_g, kh, kw = weight_shape
-        height, width = in_hw or (out_hw[0] * stride[0], out_hw[1] * stride[1])
         activations = c_in_g * groups * height * width + c_out * out_hw[0] * out_hw[1]
         if c_out * c_in_g * kh * kw <= activations:
             # Fold channel and filter attention into the kernel rather than into two extra
@@ -251,6 +309,8 @@ def dynamic_conv2d(
             stride,
             groups,
             (height, width),
+            (top, left),
+            dilation,
         )
     conv_padding = (top, left)
     # Tracers (fvcore, TorchScript, torch.export) cannot record custom autograd Functions: they
@@ -289,6 +349,11 @@ def dynamic_conv2d(
             dilation,
             groups * batch,
         ).view(batch, c_out, out_h, out_w)
+    elif strategy == "candidate_outputs":
+        y = _candidate_outputs_conv(
+            x, weight, kernel_att, spatial_att, stride, conv_padding, dilation, groups,
+            (out_h, out_w),
+        )  # fmt: skip
     elif strategy in ("unfold", "tap_scaled"):
         if strategy == "tap_scaled" and kernel_att is not None:
             raise ValueError("strategy 'tap_scaled' needs n = 1")
@@ -396,6 +461,82 @@ def _unfold_conv(
             batch, groups, c_out // groups, c_in_g * kh * kw
         )
     return torch.matmul(kernel.to(cols.dtype), cols).view(batch, c_out, *out_hw)
+
+
+def live_taps(
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    in_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+) -> list[int]:
+    """Indices ``u·kw + v`` of the taps that read the input at some output position (on a map
+    smaller than the kernel's reach, the others only ever read zero padding)."""
+
+    def live(k: int, s: int, p: int, d: int, size: int, out: int) -> list[int]:
+        return [u for u in range(k) if any(0 <= i * s + u * d - p < size for i in range(out))]
+
+    rows = live(kernel_size[0], stride[0], padding[0], dilation[0], in_hw[0], out_hw[0])
+    cols = live(kernel_size[1], stride[1], padding[1], dilation[1], in_hw[1], out_hw[1])
+    return [u * kernel_size[1] + v for u in rows for v in cols]
+
+
+def _candidate_outputs_conv(
+    x: Tensor,
+    weight: Tensor,
+    kernel_att: Tensor | None,
+    spatial_att: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    out_hw: tuple[int, int],
+) -> Tensor:
+    """Convolve with all ``n`` candidates at once and mix the outputs: no per-sample kernel.
+
+    ``y_b = sum_n a_kn[b, n] · (W_n @ (a_s[b] ⊙ unfold(x_b)))``: one matrix product
+    ``(B·L, C_in·T) @ (C_in·T, n·C_out)`` over the im2col rows of the whole batch, then a weighted
+    sum over ``n``. It costs ``n`` times the convolution's multiply-adds but never writes the
+    ``B × |W|`` per-sample kernels: the cheapest exact form where the map has few positions ``L``
+    (``n·L·|W|`` against ``(n + L)·|W|`` plus a pass over ``B × |W|``). Taps that only read padding
+    are dropped.
+
+    Args:
+        x: (B, C_in, H, W), channel attention applied; weight: (n, C_out, C_in / g, kh, kw);
+        kernel_att: (B, n) or None; spatial_att: (B, kh·kw) or None; padding: (top, left),
+        symmetric; out_hw: (H', W').
+
+    Returns:
+        (B, C_out, H', W').
+    """
+    batch, c_in, height, width = x.shape
+    n, c_out, c_in_g, kh, kw = weight.shape
+    positions = out_hw[0] * out_hw[1]
+    taps = live_taps((kh, kw), stride, padding, dilation, (height, width), out_hw)
+    cols = F.unfold(x, (kh, kw), dilation, padding, stride).view(batch, c_in, kh * kw, positions)
+    kernels = weight.reshape(n, groups, c_out // groups, c_in_g, kh * kw)
+    if len(taps) < kh * kw:
+        index = torch.tensor(taps, dtype=torch.long, device=x.device)
+        cols = cols.index_select(2, index)
+        kernels = kernels.index_select(4, index)
+        if spatial_att is not None:
+            spatial_att = spatial_att.index_select(1, index)
+    if spatial_att is not None:
+        cols = cols * spatial_att.to(cols.dtype)[:, None, :, None]
+    live = len(taps)
+    # Rows of the whole batch: (g, B·L, C_in/g·T') @ (g, C_in/g·T', n·C_out/g).
+    rows = cols.view(batch, groups, c_in_g * live, positions).permute(1, 0, 3, 2)
+    rows = rows.reshape(groups, batch * positions, c_in_g * live)
+    kernels = kernels.permute(1, 3, 4, 0, 2).reshape(groups, c_in_g * live, n * (c_out // groups))
+    outputs = torch.matmul(rows, kernels.to(rows.dtype))  # (g, B·L, n·C_out/g)
+    outputs = outputs.view(groups, batch, positions, n, c_out // groups)
+    if kernel_att is None:
+        mixed = outputs.sum(3) if n > 1 else outputs[:, :, :, 0]
+    else:
+        mixed = torch.einsum("gblnc,bn->bgcl", outputs, kernel_att.to(outputs.dtype))
+        return mixed.reshape(batch, c_out, *out_hw)
+    return mixed.permute(1, 0, 3, 2).reshape(batch, c_out, *out_hw)
 
 
 def _shift_sum_traceable(
