@@ -1,8 +1,15 @@
 """Speed, memory, MACs and parameters of KR models against their static architecture.
 
-    python recipes/benchmark.py                       # resnet18, CPU (and CUDA when present)
+    python recipes/benchmark.py                       # resnet18 at 224² and 32², CPU (and CUDA)
+    python recipes/benchmark.py --image-size 32 --configs kr_1x kr_4x odconv_4x
     python recipes/benchmark.py --arch mobilenet_v2_050 --json out.json
     python recipes/benchmark.py --arch vit_tiny --configs static kr_1x kr_4x
+
+Each ``--image-size`` is one table (default: 224² and the CIFAR-sized 32², where the last stages of
+a ResNet run on 2×2 and 1×1 maps). Batches default by size (:data:`BATCHES`: 224² inference 32,
+train step 16; 32² both 50); ``--batch`` / ``--train-batch`` / ``--memory-batch`` override them.
+Beside each time ratio the table gives the MAC ratio to the static model: the physical limit a
+time ratio is measured against.
 
 Every configuration is built in one process and timed side by side: for each figure the
 configurations take turns, repetition after repetition (so drifting machine load hits all of them
@@ -54,25 +61,35 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "reference_4x": {"kernel_num": 4, "strategy": "reference"},
 }
 
-# The speed issue's targets for kr_convert(resnet18()) (ratios to static; MACs in G; params in M).
-RESNET18_TARGETS = {
-    "kr_1x": {
-        "infer": 1.3,
-        "train": 1.4,
-        "infer_b1": 1.3,
-        "memory": 1.3,
-        "gmacs": 1.85,
-        "params_m": 12.0,
+# The speed issues' targets for kr_convert(resnet18()), per image size (ratios to static; MACs in
+# G at 224² beside the poster's; params in M).
+RESNET18_TARGETS: dict[int, dict[str, dict[str, float]]] = {
+    224: {
+        "kr_1x": {
+            "infer": 1.15,
+            "train": 1.25,
+            "infer_b1": 1.25,
+            "memory": 1.2,
+            "gmacs": 1.85,
+            "params_m": 12.0,
+        },
+        "kr_4x": {
+            "infer": 1.4,
+            "train": 1.6,
+            "infer_b1": 1.5,
+            "memory": 1.3,
+            "gmacs": 1.93,
+            "params_m": 45.0,
+        },
     },
-    "kr_4x": {
-        "infer": 2.0,
-        "train": 2.2,
-        "infer_b1": 1.6,
-        "memory": 1.6,
-        "gmacs": 1.93,
-        "params_m": 45.0,
+    32: {
+        "kr_1x": {"infer": 1.3, "train": 1.3},
+        "kr_4x": {"infer": 3.0, "train": 3.0},
     },
 }
+
+# (inference, train step, peak-memory) batch per image size; other sizes take 224²'s.
+BATCHES: dict[int, tuple[int, int, int]] = {224: (32, 16, 32), 32: (50, 50, 50)}
 
 
 def build(arch: str, config: str, size: int, device: torch.device) -> nn.Module:
@@ -205,6 +222,7 @@ def count_gmacs(model: nn.Module, size: int, device: torch.device) -> float:
 
 
 def measure(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
+    """Every figure of every configuration at ``args.size`` with ``args``' batches."""
     torch.manual_seed(0)
     models = {c: build(args.arch, c, args.size, device) for c in args.configs}
     size = args.size
@@ -258,7 +276,7 @@ def render(
     results: dict[str, dict[str, float]], args: argparse.Namespace, device: torch.device
 ) -> Table:
     static = results.get("static", {})
-    targets = RESNET18_TARGETS if args.arch == "resnet18" else {}
+    targets = RESNET18_TARGETS.get(args.size, {}) if args.arch == "resnet18" else {}
     title = (
         f"{args.arch} on {device_name(device)}, {date.today().isoformat()}: inference batch "
         f"{args.batch}, train step batch {args.train_batch}, memory batch {args.memory_batch}, "
@@ -275,6 +293,7 @@ def render(
     for _, header, _ in columns:
         table.add_column(header, justify="right")
     table.add_column("GMACs", justify="right")
+    table.add_column("MAC ratio", justify="right")
     table.add_column("params (M)", justify="right")
     for config, row in results.items():
         cells = [config]
@@ -301,11 +320,20 @@ def render(
             else (" ✓" if gmacs <= target else f" ✗ (≤{target})")
         )
         cells.append("-" if gmacs is None else f"{gmacs:.3f}{mark}")
+        ratio = mac_ratio(row, static)
+        cells.append("-" if ratio is None else f"{ratio:.2f}x")
         target = targets.get(config, {}).get("params_m")
         mark = "" if target is None else (" ✓" if row["params_m"] <= target else f" ✗ (≤{target})")
         cells.append(f"{row['params_m']:.2f}{mark}")
         table.add_row(*cells)
     return table
+
+
+def mac_ratio(row: dict[str, float], static: dict[str, float]) -> float | None:
+    """MACs of one configuration over the static model's (per image), or ``None`` if uncounted."""
+    if "gmacs" not in row or not static.get("gmacs"):
+        return None
+    return row["gmacs"] / static["gmacs"]
 
 
 def device_name(device: torch.device) -> str:
@@ -322,10 +350,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--arch", default="resnet18", help="torchvision builder, vit_tiny or mobilenet_v2_050"
     )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=32, help="inference batch")
-    parser.add_argument("--train-batch", type=int, default=16)
-    parser.add_argument("--memory-batch", type=int, default=32)
+    parser.add_argument(
+        "--image-size", "--size", dest="sizes", type=int, nargs="+", default=[224, 32],
+        help="input side(s); one table each",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch", type=int, default=None, help="inference batch (default: by size)"
+    )
+    parser.add_argument("--train-batch", type=int, default=None, help="default: by size")
+    parser.add_argument("--memory-batch", type=int, default=None, help="default: by size")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (every available)")
@@ -338,9 +371,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.size = args.sizes[0]
     if "static" not in args.configs:
         args.configs = ["static", *args.configs]
     return args
+
+
+def sized_args(args: argparse.Namespace, size: int) -> argparse.Namespace:
+    """``args`` for one image size: the batches not given on the command line from :data:`BATCHES`."""
+    infer, train, memory = BATCHES.get(size, BATCHES[224])
+    return argparse.Namespace(
+        **{
+            **vars(args),
+            "size": size,
+            "batch": args.batch or infer,
+            "train_batch": args.train_batch or train,
+            "memory_batch": args.memory_batch or memory,
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -359,12 +407,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     else:
         devices = [torch.device(args.device)]
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    report: dict[str, Any] = {"arch": args.arch, "date": date.today().isoformat(), "runs": []}
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    report: dict[str, Any] = {
+        "arch": args.arch,
+        "date": date.today().isoformat(),
+        "command": "python recipes/benchmark.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "torch": torch.__version__,
+        "runs": [],
+    }
     for device in devices:
-        results = measure(args, device)
-        console.print(render(results, args, device))
-        report["runs"].append({"device": device_name(device), "results": results})
+        for size in args.sizes:
+            sized = sized_args(args, size)
+            results = measure(sized, device)
+            console.print(render(results, sized, device))
+            report["runs"].append(
+                {
+                    "device": device_name(device),
+                    "image_size": size,
+                    "batches": {
+                        "infer": sized.batch,
+                        "train": sized.train_batch,
+                        "memory": sized.memory_batch,
+                    },
+                    "results": results,
+                }
+            )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

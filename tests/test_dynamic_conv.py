@@ -31,7 +31,7 @@ def _choice(batch, c_in, c_out, side, stride, k, n, padding=None):
         (32, (256, 256, 14, 1, 3), 4, "taps"),
         (32, (512, 512, 7, 1, 3), 1, "taps"),
         (32, (512, 512, 7, 1, 3), 4, "unfold"),  # smallest map with several candidates
-        (32, (256, 512, 14, 2, 3), 1, "tap_scaled"),
+        (32, (256, 512, 14, 2, 3), 1, "candidate_outputs"),  # strided, 49 positions
         (32, (256, 512, 14, 2, 3), 4, "unfold"),
         (32, (256, 512, 14, 2, 1), 4, "unfold"),  # 1×1
         (32, (64, 128, 56, 2, 1), 1, "shared"),  # 1×1 at n = 1: an ordinary convolution
@@ -57,6 +57,8 @@ def test_resnet18_shapes(batch, shape, n, expected):
         (1, (512, 512, 1, 1, 3), 4, "candidate_outputs"),
         (50, (512, 512, 1, 1, 3), 1, "candidate_outputs"),  # n = 1: the dropped taps decide
         (50, (256, 256, 2, 1, 3), 1, "taps"),  # every tap live
+        (50, (128, 256, 4, 2, 3), 1, "candidate_outputs"),  # strided, 4 positions
+        (32, (128, 256, 28, 2, 3), 1, "tap_scaled"),  # strided, 196 positions
         (50, (512, 512, 7, 1, 3), 4, "unfold"),  # 49 positions
     ],
 )

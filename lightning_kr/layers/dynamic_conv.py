@@ -112,7 +112,8 @@ def choose_strategy(
     output positions, ``|W_live|`` the kernel without the taps that only read padding); mixing the
     candidates into per-sample kernels costs ``(n + L)·|W|`` plus writing and reading ``B × |W|``
     (:data:`PER_SAMPLE_KERNEL_COST`). On small maps (CIFAR-sized inputs: ResNet-18's last stages run
-    on 2×2 and 1×1 maps) the first is 3–40x faster; with one candidate it is chosen where taps drop.
+    on 2×2 and 1×1 maps) the first is 3–40x faster. With one candidate it is chosen where taps
+    drop out and for strided convolutions on maps of up to 64 positions.
 
     Otherwise by shape, measured on CPU (``python recipes/layer_benchmark.py``, ResNet-18 shapes,
     batch 32): a grouped convolution with ``groups = B`` runs close to the static convolution on
@@ -151,7 +152,9 @@ def choose_strategy(
             mixing = (n + positions + 2 * PER_SAMPLE_KERNEL_COST) * kh * kw
             if candidates <= mixing:
                 return "candidate_outputs"
-        elif live < kh * kw:
+        elif live < kh * kw or (stride != (1, 1) and positions <= 64):
+            # One candidate: the same multiply-adds as the per-sample im2col product, but that
+            # product re-reads the kernel for every sample and has only L columns.
             return "candidate_outputs"
     strategy = _fastest(
         batch, weight_shape, out_hw, has_kernel_att, has_spatial_att, stride, groups
