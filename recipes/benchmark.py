@@ -2,6 +2,7 @@
 
     python recipes/benchmark.py                       # resnet18 at 224² and 32², CPU (and CUDA)
     python recipes/benchmark.py --image-size 32 --configs kr_1x kr_4x odconv_4x
+    python recipes/benchmark.py --image-size 32 --configs kr_1x kr_4x --compile --no-memory
     python recipes/benchmark.py --arch mobilenet_v2_050 --json out.json
     python recipes/benchmark.py --arch vit_tiny --configs static kr_1x kr_4x
 
@@ -9,7 +10,8 @@ Each ``--image-size`` is one table (default: 224² and the CIFAR-sized 32², whe
 a ResNet run on 2×2 and 1×1 maps). Batches default by size (:data:`BATCHES`: 224² inference 32,
 train step 16; 32² both 50); ``--batch`` / ``--train-batch`` / ``--memory-batch`` override them.
 Beside each time ratio the table gives the MAC ratio to the static model: the physical limit a
-time ratio is measured against.
+time ratio is measured against. ``--compile`` adds every configuration under ``torch.compile``
+(inductor), timed beside its eager self; compiled rows are ratios to the compiled static model.
 
 Every configuration is built in one process and timed side by side: for each figure the
 configurations take turns, repetition after repetition (so drifting machine load hits all of them
@@ -225,6 +227,11 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, dict[st
     """Every figure of every configuration at ``args.size`` with ``args``' batches."""
     torch.manual_seed(0)
     models = {c: build(args.arch, c, args.size, device) for c in args.configs}
+    eager_configs = list(models)
+    if args.compile:
+        # torch.compile (inductor) of the same modules: eager and compiled side by side.
+        for config in eager_configs:
+            models[f"{config}+compile"] = torch.compile(models[config])
     size = args.size
     batch_images = torch.randn(args.batch, 3, size, size, device=device)
     one_image = batch_images[:1].contiguous()
@@ -258,11 +265,15 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, dict[st
         args.repeats,
     ).items():
         results[name]["train_s"] = seconds
-    for config, model in models.items():
-        model.eval()
+    for config in eager_configs:
+        model = models[config].eval()
         results[config]["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         if not args.no_macs:
             results[config]["gmacs"] = count_gmacs(model, size, device)
+        if args.compile:  # the same model: the same parameters and MACs
+            results[f"{config}+compile"].update(
+                {k: v for k, v in results[config].items() if k in ("params_m", "gmacs")}
+            )
     del models
     if not args.no_memory:
         for config in args.configs:
@@ -275,7 +286,6 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, dict[st
 def render(
     results: dict[str, dict[str, float]], args: argparse.Namespace, device: torch.device
 ) -> Table:
-    static = results.get("static", {})
     targets = RESNET18_TARGETS.get(args.size, {}) if args.arch == "resnet18" else {}
     title = (
         f"{args.arch} on {device_name(device)}, {date.today().isoformat()}: inference batch "
@@ -296,6 +306,9 @@ def render(
     table.add_column("MAC ratio", justify="right")
     table.add_column("params (M)", justify="right")
     for config, row in results.items():
+        # Compiled rows against the compiled static model.
+        compiled = config.endswith("+compile")
+        static = results.get("static+compile" if compiled else "static", {})
         cells = [config]
         for key, _, target_key in columns:
             if key not in row:
@@ -305,11 +318,11 @@ def render(
             absolute = (
                 f"{value / 2**30:.2f} GiB" if key == "memory_bytes" else f"{value * 1e3:.0f} ms"
             )
-            if config == "static" or key not in static:
+            if config.startswith("static") or key not in static:
                 cells.append(absolute)
                 continue
             ratio = value / max(static[key], 1e-12)
-            target = targets.get(config, {}).get(target_key)
+            target = None if compiled else targets.get(config, {}).get(target_key)
             mark = "" if target is None else (" ✓" if ratio <= target else f" ✗ (≤{target})")
             cells.append(f"{ratio:.2f}x{mark}")
         gmacs = row.get("gmacs")
@@ -365,6 +378,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
         "--cpu-time", action="store_true", help="time with process CPU time (CPU only)"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time every configuration under torch.compile (rows '<config>+compile')",
     )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-macs", action="store_true")

@@ -67,18 +67,35 @@ def test_small_map_choice_by_counted_cost(batch, shape, n, expected):
     assert _choice(batch, *shape, n, padding=(k // 2, k // 2)) == expected
 
 
+@pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("n", [1, 4])
-@pytest.mark.parametrize("side", [1, 2, 4])
-def test_resnet18_cifar_shapes_match_the_reference_where_candidate_outputs_is_chosen(n, side):
+@pytest.mark.parametrize(("side", "stride"), [(1, 1), (2, 1), (4, 1), (2, 2), (4, 2)])
+def test_cifar_sized_maps_match_the_reference_where_candidate_outputs_is_chosen(
+    batch, n, side, stride
+):
     layer = KRConv2d(
-        16, 16, 3, 1, 1, kernel_num=n, repr_dim=4, min_hidden=4, zero_init=False
+        16, 16, 3, stride, 1, kernel_num=n, repr_dim=4, min_hidden=4, zero_init=False
     ).double()
-    x = torch.randn(5, 16, side, side, dtype=torch.double, requires_grad=True)
-    d = torch.randn(5, 4, dtype=torch.double)
+    x = torch.randn(batch, 16, side, side, dtype=torch.double, requires_grad=True)
+    d = torch.randn(batch, 4, dtype=torch.double)
     y, _ = layer.forward_with_repr(x, d)
     att = layer.generator(x.mean(dim=(2, 3)), d)
-    expected = naive_dynamic_conv2d(x, layer.weight, att, None, (1, 1), (1, 1), (1, 1), 1)
+    expected = naive_dynamic_conv2d(x, layer.weight, att, None, (stride, stride), (1, 1), (1, 1), 1)
     assert_same_values_and_gradients(y, expected, (x, layer.weight))
+    out = (side + 2 - 3) // stride + 1
+    chosen = choose_strategy(
+        batch,
+        layer.weight.shape,
+        (out, out),
+        n > 1,
+        True,
+        (stride, stride),
+        1,
+        (side, side),
+        (1, 1),
+    )
+    if n > 1 or side == 1 or stride == 2:
+        assert chosen == "candidate_outputs"
 
 
 @pytest.mark.parametrize("batch", [1, 3])
