@@ -22,6 +22,9 @@ by :class:`~lightning_kr.callbacks.FlopsOverhead` in a warning), never dropped s
 
 Counts are of what the model runs on the input given. KR layers pick how to apply per-sample
 kernels by shape and batch size, so count one sample (``1 × C × H × W``) for per-image figures.
+A convolution's taps that only read zero padding (a 3×3 kernel on a 1×1 map) are counted, as fvcore
+counts them for a static convolution: KR's ``candidate_outputs`` strategy skips them when it runs,
+but keeps them while traced, so that KR and its static model are compared on one convention.
 
 With these rules a torchvision ``resnet18`` at 1×3×224×224 counts 1.82 GMACs (fvcore's figure, plus
 8 residual additions); a KR model additionally pays for everything its KR layers, FFT stem and joint

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, int]]:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--config", default="kr_1x", choices=list(bench.CONFIGS))
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--image-size", "--size", dest="size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rows", type=int, default=10)

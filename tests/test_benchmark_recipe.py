@@ -25,9 +25,7 @@ def test_benchmark_prints_and_writes_every_figure(tmp_path, capsys):
         for key in ("infer_s", "train_s", "infer_b1_s", "memory_bytes", "gmacs", "params_m"):
             assert key in row
         assert row["infer_s"] > 0 and row["gmacs"] > 0
-    # At 32² ResNet-18's layer4 runs on 1×1 maps: KR drops the taps that only read padding and
-    # counts fewer MACs than the static convolution; the textbook method counts them all and more.
-    assert results["reference_4x"]["gmacs"] > results["static"]["gmacs"]
+    assert results["reference_4x"]["gmacs"] > results["kr_1x"]["gmacs"] > results["static"]["gmacs"]
     assert report["runs"][0]["image_size"] == 32 and report["runs"][0]["batches"]["train"] == 2
     assert results["reference_4x"]["params_m"] > results["kr_1x"]["params_m"]
     assert json.loads(out.read_text())["arch"] == "resnet18"

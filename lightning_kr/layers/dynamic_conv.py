@@ -516,7 +516,12 @@ def _candidate_outputs_conv(
     batch, c_in, height, width = x.shape
     n, c_out, c_in_g, kh, kw = weight.shape
     positions = out_hw[0] * out_hw[1]
-    taps = live_taps((kh, kw), stride, padding, dilation, (height, width), out_hw)
+    if torch.jit.is_tracing():
+        # Counted (fvcore traces) by the convention of static convolutions, padding taps included,
+        # so that KR and its static model are compared on one count.
+        taps = list(range(kh * kw))
+    else:
+        taps = live_taps((kh, kw), stride, padding, dilation, (height, width), out_hw)
     cols = F.unfold(x, (kh, kw), dilation, padding, stride).view(batch, c_in, kh * kw, positions)
     kernels = weight.reshape(n, groups, c_out // groups, c_in_g, kh * kw)
     if len(taps) < kh * kw:
