@@ -16,6 +16,12 @@ MODES: dict[str, str] = {
 }
 
 
+RUNTIME_OPTIONS = ("strategy", "init_noise")
+"""Options that do not change the architecture or what a trained model computes: how per-sample
+kernels are applied, and the noise that initialises the candidates. A checkpoint saved with other
+values loads; every other option must match."""
+
+
 @dataclass(frozen=True)
 class KRConfig:
     """Options of a KR conversion (see :func:`~lightning_kr.kr_convert` for their meaning)."""

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_kr.config import KRConfig
+from lightning_kr.config import RUNTIME_OPTIONS, KRConfig
 from lightning_kr.layers.fft_stem import FFTStem
 from lightning_kr.layers.joint_head import JointHead
 from lightning_kr.layers.kr_layer import KRLayer
@@ -99,8 +99,9 @@ class KRModel(nn.Module):
                 _set_submodule(static, name, module.to_static())
         return static
 
-    # A checkpoint records the conversion options; loading into a model converted differently fails
-    # with an error that names the options that differ.
+    # A checkpoint records the conversion options; loading into a model converted with other
+    # architecture options fails with an error that names them (runtime-only options may differ:
+    # the loading model keeps its own).
     def get_extra_state(self) -> dict:
         return {
             "format_version": FORMAT_VERSION,
@@ -115,7 +116,7 @@ class KRModel(nn.Module):
         differing = {
             key: (state["config"].get(key), value)
             for key, value in mine["config"].items()
-            if state["config"].get(key) != value
+            if key not in RUNTIME_OPTIONS and state["config"].get(key) != value
         }
         if differing:
             details = ", ".join(

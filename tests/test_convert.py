@@ -206,6 +206,21 @@ def test_state_dict_round_trip_and_option_mismatch():
         small_resnet(kernel_num=4, exclude=["downsample.0"]).load_state_dict(state)
 
 
+def test_runtime_only_options_do_not_block_loading():
+    """``strategy`` and ``init_noise`` change neither the architecture nor the trained function."""
+    state = small_resnet(kernel_num=4).state_dict()
+    other = small_resnet(kernel_num=4, strategy="unfold", init_noise=0.0)
+    other.load_state_dict(state)
+    assert other.config.strategy == "unfold"  # the loading model keeps its own
+    reference = small_resnet(kernel_num=4)
+    reference.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32)
+    other.eval(), reference.eval()
+    torch.testing.assert_close(other(x), reference(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="repr_dim: checkpoint=32, this model=16"):
+        small_resnet(kernel_num=4, repr_dim=16).load_state_dict(state)
+
+
 def test_deepcopy_keeps_one_chain_per_model():
     model = small_resnet()
     clone = copy.deepcopy(model)
