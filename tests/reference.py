@@ -6,9 +6,27 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_kr.layers.kernel_generator import Attentions
+
+
+def trained_looking(
+    model: nn.Module, scale: float = 0.2, *, batchnorm_statistics: bool = False
+) -> nn.Module:
+    """``model``, in train mode, with its attentions moved off their neutral start (so that ``d`` and
+    every attention shape the result) and, optionally, BatchNorm running statistics that are not
+    (0, 1)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "generator" in name or "kr_head" in name:
+                p.add_(scale * torch.randn_like(p))
+        if batchnorm_statistics:
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+    return model.train()
 
 
 def per_sample_kernels(

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_kr import kr_convert
+from tests.reference import trained_looking
 
 
 class Checkpointed(nn.Module):
@@ -38,15 +39,6 @@ def loss_and_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
-def trained_looking(model: nn.Module) -> nn.Module:
-    """Attentions away from neutral, so that d and every attention shape the result."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "generator" in name or "kr_head" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    return model.train()
 
 
 def assert_same_with_and_without_checkpoint(model, blocks, x, y):

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 from lightning_kr import kr_convert
+from tests.reference import trained_looking
 
 
 @pytest.fixture(autouse=True)
@@ -38,15 +39,6 @@ def small_cnn() -> nn.Module:
         nn.Flatten(),
         nn.Linear(24, 10),
     )
-
-
-def trained_looking(model: nn.Module) -> nn.Module:
-    """Attentions away from neutral, so that d and every attention shape the result."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "generator" in name or "head" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    return model.train()
 
 
 def loss_and_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor):

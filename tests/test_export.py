@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_kr import kr_convert
 from lightning_kr.export import onnx_batch_is_free, to_onnx
+from tests.reference import trained_looking
 
 BATCHES = (1, 3, 8)
 
@@ -53,17 +54,8 @@ def small_vit() -> nn.Module:
     )  # fmt: skip
 
 
-def trained_looking(model: nn.Module) -> nn.Module:
-    """Attentions away from their neutral start and BatchNorm statistics that are not (0, 1)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "generator" in name or "kr_head" in name:
-                p.add_(0.3 * torch.randn_like(p))
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
+def trained_looking_with_statistics(model: nn.Module) -> nn.Module:
+    return trained_looking(model, 0.3, batchnorm_statistics=True)
 
 
 def assert_onnx_matches_eager(model: nn.Module, path, size: int = 16) -> None:
@@ -85,7 +77,7 @@ def assert_onnx_matches_eager(model: nn.Module, path, size: int = 16) -> None:
     [("kr", 1), ("kr", 4), ("odconv", 1), ("odconv", 4), ("dyconv", 1), ("dyconv", 4)],
 )
 def test_small_cnn_exports_with_a_free_batch_in_every_mode(tmp_path, mode, kernel_num):
-    model = trained_looking(
+    model = trained_looking_with_statistics(
         kr_convert(small_cnn(), input_size=16, mode=mode, kernel_num=kernel_num)
     )
     assert_onnx_matches_eager(model, tmp_path / "cnn.onnx")
@@ -93,13 +85,17 @@ def test_small_cnn_exports_with_a_free_batch_in_every_mode(tmp_path, mode, kerne
 
 @pytest.mark.parametrize("kernel_num", [1, 4])
 def test_depthwise_network_exports_with_a_free_batch(tmp_path, kernel_num):
-    model = trained_looking(kr_convert(depthwise_net(), input_size=16, kernel_num=kernel_num))
+    model = trained_looking_with_statistics(
+        kr_convert(depthwise_net(), input_size=16, kernel_num=kernel_num)
+    )
     assert_onnx_matches_eager(model, tmp_path / "depthwise.onnx")
 
 
 @pytest.mark.parametrize("kernel_num", [1, 4])
 def test_small_vit_exports_with_a_free_batch(tmp_path, kernel_num):
-    model = trained_looking(kr_convert(small_vit(), input_size=16, kernel_num=kernel_num))
+    model = trained_looking_with_statistics(
+        kr_convert(small_vit(), input_size=16, kernel_num=kernel_num)
+    )
     assert_onnx_matches_eager(model, tmp_path / "vit.onnx")
 
 
@@ -130,7 +126,7 @@ def test_bad_example_says_what_to_pass(tmp_path):
 @pytest.mark.parametrize("kernel_num", [1, 4])
 def test_torchvision_models_export_with_a_free_batch(tmp_path, builder, size, kernel_num):
     kwargs = {"image_size": size} if builder is torchvision.models.vit_b_16 else {}
-    model = trained_looking(
+    model = trained_looking_with_statistics(
         kr_convert(builder(num_classes=10, **kwargs), input_size=size, kernel_num=kernel_num)
     )
     assert_onnx_matches_eager(model, tmp_path / "model.onnx", size=size)
