@@ -1,6 +1,7 @@
 """Per-layer timing of every per-sample-kernel strategy against the static convolution.
 
     python recipes/layer_benchmark.py                 # ResNet-18 layer shapes, batch 32, CPU
+    python recipes/layer_benchmark.py --scale 7 --batch 50   # the same layers at 32² input (8² … 1² maps)
     python recipes/layer_benchmark.py --batch 16 --threads 1 --cpu-time
 
 It is the measurement behind :func:`lightning_kr.layers.dynamic_conv.choose_strategy`: each row is one
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -36,7 +38,7 @@ RESNET18_SHAPES = [
     (64, 128, 56, 2, 1),
     (256, 512, 14, 2, 1),
 ]
-STRATEGIES = ("grouped", "folded", "unfold", "taps", "tap_scaled", "reference")
+STRATEGIES = ("grouped", "folded", "unfold", "taps", "tap_scaled", "candidate_outputs", "reference")
 
 
 def applicable(strategy: str, kernel_num: int, stride: int, kernel: int) -> bool:
@@ -70,7 +72,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cpu-time", action="store_true")
     parser.add_argument(
-        "--scale", type=int, default=1, help="divide every side by this (smoke runs)"
+        "--scale",
+        type=int,
+        default=1,
+        help="divide every side by this (7: the maps of a 32² input; 8 with batch 2: smoke runs)",
     )
     args = parser.parse_args(argv)
     if args.threads:
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             table.add_column(f"{n}x {strategy}", justify="right")
     rows = []
     for c_in, c_out, side, stride, kernel in RESNET18_SHAPES:
-        side = max(side // args.scale, kernel)
+        side = max(side // args.scale, 1)
         x = torch.randn(args.batch, c_in, side, side)
         pad = kernel // 2
         spatial = torch.rand(args.batch, kernel * kernel) if kernel > 1 else None
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     spatial is not None,
                     (stride, stride),
                     1,
+                    (side, side),
+                    (pad, pad),
                 )
                 for strategy in STRATEGIES:
                     if not applicable(strategy, n, stride, kernel):
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     )
             table.add_row(*cells)
             rows.append(row)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
     return rows
 
 

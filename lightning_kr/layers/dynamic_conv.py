@@ -86,10 +86,11 @@ SMALL_MAP = 256  # output positions (16 × 16) below which a grouped convolution
 
 PER_SAMPLE_KERNEL_COST = 40
 """What writing and re-reading one element of a per-sample kernel costs, in multiply-adds of a
-well-shaped matrix product (CPU; ``python recipes/layer_benchmark.py --image-size 32``): the mixing
-product ``(B, n) @ (n, |W|)`` has an inner dimension of ``n`` and runs at memory speed, and so does the
-per-sample product that reads ``B × |W|`` back when a map has few positions. It sets where
-``"candidate_outputs"`` (``n·L·|W|`` multiply-adds in one large product) beats mixing the kernels
+well-shaped matrix product, measured on CPU (``python recipes/layer_benchmark.py --scale 7 --batch
+50``: ResNet-18's layers at a 32² input). The mixing product ``(B, n) @ (n, |W|)`` has an inner
+dimension of ``n`` and runs at memory speed, and so does the per-sample product that reads
+``B × |W|`` back when a map has few positions. It sets where ``"candidate_outputs"`` (``n·L·|W|``
+multiply-adds in one large product) beats mixing the kernels
 (``(n + L + 2·PER_SAMPLE_KERNEL_COST)·|W|``): at n = 4, maps of up to about 28 positions."""
 
 
