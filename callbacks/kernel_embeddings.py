@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
 from lightning_kr import KRModel
+from lightning_kr.conversion.targets import matches
+from lightning_kr.kr_model import find_kr_models
 from lightning_kr.layers import ATTENTION_KINDS, Attentions
 
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
@@ -37,12 +38,6 @@ def default_labels(batch: Any) -> Tensor:
         f"KernelEmbeddings found no labels in a batch of type {type(batch).__name__}; pass "
         "KernelEmbeddings(label_fn=lambda batch: batch[...]) returning the class ids (B,)"
     )
-
-
-def _matches(name: str, target: str | Sequence[str]) -> bool:
-    if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
@@ -227,7 +222,7 @@ class KernelEmbeddings(Callback):
             layers = dict(self._kr.kr_layers())
             self._generators = {name: layer.generator for name, layer in layers.items()}
             if self.layers is not None:
-                self._layer_names = [n for n in layers if _matches(n, self.layers)]
+                self._layer_names = [n for n in layers if matches(n, self.layers)]
                 if not self._layer_names:
                     raise MisconfigurationException(
                         f"KernelEmbeddings(layers={self.layers!r}) matched no KR layer; the KR layers "
@@ -264,10 +259,7 @@ class KernelEmbeddings(Callback):
                     "not a KRModel returned by kr_convert"
                 )
             return module
-        found = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, KRModel)]
-        outermost = [
-            (n, m) for n, m in found if not any(n.startswith(f"{o}.") for o, _ in found if o != n)
-        ]
+        outermost = find_kr_models(pl_module)
         if len(outermost) > 1:
             raise MisconfigurationException(
                 "KernelEmbeddings found several KR models ("

@@ -47,7 +47,7 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from lightning_kr import KRModel
+from lightning_kr.kr_model import find_kr_models
 from lightning_kr.layers import KernelGenerator, KRLayer, KRMultiheadAttention
 
 with warnings.catch_warnings():  # fvcore decorates helpers with the deprecated torch.jit.script
@@ -339,17 +339,6 @@ def count_macs(
         unsupported=dict(analysis.unsupported_ops()),
         params=sum(p.numel() for p in model.parameters()),
     )
-
-
-def find_kr_models(module: nn.Module) -> list[tuple[str, KRModel]]:
-    """The outermost :class:`KRModel` submodules of ``module`` (``""`` if ``module`` is one)."""
-    found: list[tuple[str, KRModel]] = []
-    for name, sub in module.named_modules():
-        if isinstance(sub, KRModel) and not any(
-            name.startswith(f"{n}.") or not n for n, _ in found
-        ):
-            found.append((name, sub))
-    return found
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_kr.convert import kr_convert
 from lightning_kr.kr_model import KRModel
 from lightning_kr.models import build_model
+from lightning_kr.outputs import main_logits
 
 Mode = Literal["static", "kr", "odconv", "dyconv"]
 Optimizer = Literal["sgd", "adamw"]
@@ -68,11 +69,6 @@ def insert_head_dropout(model: nn.Module, p: float) -> nn.Module:
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, nn.Sequential(nn.Dropout(p), getattr(parent, child)))
     return model
-
-
-def main_logits(output: Any) -> Tensor:
-    """The logits (B, K) of a model output: Inception / GoogLeNet return a tuple in training."""
-    return output[0] if isinstance(output, tuple) else output
 
 
 class KRClassifier(LightningModule):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from lightning_kr.layers.dynamic_conv import STRATEGIES
@@ -16,15 +16,40 @@ MODES: dict[str, str] = {
 }
 
 
-RUNTIME_OPTIONS = ("strategy", "init_noise")
-"""Options that do not change the architecture or what a trained model computes: how per-sample
-kernels are applied, and the noise that initialises the candidates. A checkpoint saved with other
-values loads; every other option must match."""
+RUNTIME_OPTIONS = ("strategy", "init_noise", "include", "exclude")
+"""Options a checkpoint may differ in: how per-sample kernels are applied, the noise that
+initialises the candidates, and the targets (which layers were converted is checked by name
+instead). Every other option must match."""
 
 
 @dataclass(frozen=True)
 class KRConfig:
-    """Options of a KR conversion (see :func:`~lightning_kr.kr_convert` for their meaning)."""
+    """Every option of a KR conversion, its default, and what it means; validated once, here.
+
+    Attributes:
+        kernel_num: candidate kernels per layer ``n`` (1 = "1x", 4 = "4x").
+        reduction, min_hidden: attention hidden width ``max(C_in · reduction, min_hidden)``.
+        repr_dim: size ``D`` of the kernel representation.
+        mode: ``"kr"`` (default), ``"odconv"`` (ablation: no ``d``) or ``"dyconv"`` (ablation: no
+            ``d``, kernel-number attention only).
+        attentions: override the attentions of ``mode``, a subset of
+            ``("channel", "filter", "spatial", "kernel")``.
+        fft_size: ``f`` of the FFT stem (lowest ``f × f`` frequencies; videos: up to ``f``
+            temporal frequencies too).
+        preserve_function: start as the static model (default): neutral attentions (gates
+            ``2·sigmoid`` of zero-initialised logits, uniform kernel-number attention) and a zero KR
+            head, so the converted model computes the original function at initialisation (up to
+            float rounding) and trains from scratch at least as fast as it. False: ODConv's
+            initialisation (random attention heads, sigmoid gates in (0, 1), random KR head).
+        attention_norm: LayerNorm on the attention branch's hidden vector (ODConv's BatchNorm, made
+            per sample so batch size 1 trains) and a ``1/√hidden`` read-out of the attention logits
+            (default). False: the unnormalised branch. See :class:`~lightning_kr.KernelGenerator`.
+        init_noise: relative size of the zero-mean perturbation that makes the candidates differ.
+        strategy: how KR convolutions apply per-sample kernels (``"auto"``: by counted cost and
+            shape; every strategy is exact).
+        include, exclude: which modules to consider: a string is a full regular expression on the
+            qualified name, a list matches each entry exactly or as a dotted suffix; exclusion wins.
+    """
 
     kernel_num: int = 1
     reduction: float = 1 / 16
@@ -37,9 +62,15 @@ class KRConfig:
     attention_norm: bool = True
     init_noise: float = 0.1
     strategy: str = "auto"
+    include: str | tuple[str, ...] | None = None
+    exclude: str | tuple[str, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        for name in ("attentions", "include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}; got {self.mode!r}")
         if self.kernel_num < 1:
@@ -56,6 +87,17 @@ class KRConfig:
                 raise ValueError(
                     f"unknown attentions {sorted(unknown)}; choose from {list(ATTENTION_KINDS)}"
                 )
+
+    @classmethod
+    def with_overrides(cls, config: KRConfig | None, **overrides: Any) -> KRConfig:
+        """``config`` (default: ``KRConfig()``) with some options replaced; unknown names fail."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown KR option(s) {unknown}; KRConfig has {sorted(names)}")
+        values = {f.name: getattr(config, f.name) for f in fields(cls)} if config else {}
+        values.update(overrides)
+        return cls(**values)
 
     @property
     def uses_repr(self) -> bool:
@@ -85,4 +127,7 @@ class KRConfig:
         """Plain data (str/int/float/bool/list) for checkpoints: safe with ``weights_only=True``."""
         record = {k: v for k, v in asdict(self).items() if k != "extra"}
         record["attentions"] = list(self.resolved_attentions)
+        for name in ("include", "exclude"):
+            if isinstance(record[name], tuple):
+                record[name] = list(record[name])
         return record

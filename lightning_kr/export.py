@@ -11,6 +11,7 @@ operators), so one exported file serves batch 1 and batch 256 alike. Needs the `
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 
 import torch
@@ -77,7 +78,7 @@ def to_onnx(
     if dynamic_batch and example.shape[0] == 1:
         # torch.export specialises sizes 0 and 1: a batch of one would fix the batch at 1.
         example = example.expand(2, *example.shape[1:]).contiguous()
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    dynamic_shapes = _batch_dynamic_shapes(model) if dynamic_batch else None
     was_training = model.training
     model.eval()
     try:
@@ -99,6 +100,16 @@ def to_onnx(
     finally:
         model.train(was_training)
     return path
+
+
+def _batch_dynamic_shapes(model: nn.Module) -> tuple:
+    """``dynamic_shapes`` with a free batch on the one input, for ``forward(x)`` or
+    ``forward(*args)`` (:class:`~lightning_kr.KRModel` takes the original model's arguments)."""
+    batch = {0: torch.export.Dim("batch", min=1)}
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    if parameters and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        return ((batch,),)
+    return (batch,)
 
 
 def _parameter_bytes(model: nn.Module) -> int:

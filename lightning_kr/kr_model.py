@@ -7,25 +7,56 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_kr.config import RUNTIME_OPTIONS, KRConfig
 from lightning_kr.layers.fft_stem import FFTStem
 from lightning_kr.layers.joint_head import JointHead
 from lightning_kr.layers.kr_layer import KRLayer
 from lightning_kr.layers.kr_multihead_attention import KRMultiheadAttention
+from lightning_kr.layers.kr_window_attention import KRShiftedWindowAttention
 from lightning_kr.layers.repr_chain import ReprChain
+from lightning_kr.outputs import main_logits
 from lightning_kr.report import ConversionReport
 
 FORMAT_VERSION = 1
+KR_MODULES = (KRLayer, KRMultiheadAttention, KRShiftedWindowAttention)
+"""Modules that :meth:`KRModel.to_static` turns back into their static originals."""
+
+
+class StemHook:
+    """Forward pre-hook on the module whose input is the images the backbone sees: computes
+    ``d_0 = stem(images)`` and starts the chain's run with it.
+
+    ``stack``: the module sees ``k`` stacked copies of the batch (optical flow's two frames): the
+    ``k`` representations of each sample are averaged into one ``d_0`` (B, D).
+    """
+
+    def __init__(self, stem: FFTStem, chain: ReprChain, stack: int = 1) -> None:
+        self.stem = stem
+        self.chain = chain
+        self.stack = stack
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.chain.pending:
+            images = args[0]
+            d0 = self.stem(images)
+            if self.stack > 1:
+                d0 = d0.view(self.stack, -1, d0.shape[-1]).mean(0)
+            self.chain.start(d0)
 
 
 class KRModel(nn.Module):
     """A model converted by :func:`~lightning_kr.kr_convert`.
 
-    ``forward(x)`` computes ``d_0 = stem(x)``, runs the backbone while its KR layers pass ``d`` along
-    in execution order, and returns ``head(backbone logits, d_last)``. In the ODConv / DyConv
-    ablations there is no ``d``: no stem, no head, the backbone's output is returned as is.
+    ``forward(*args)`` runs the backbone with the original model's arguments. When the backbone's
+    first layer (or, for models whose first layer is not a convolution, the backbone itself) is
+    called, ``d_0 = stem(its input images)`` opens the ``d`` chain — for detection models, the
+    normalised, batched images after torchvision's transform; then the KR layers pass ``d`` along
+    in execution order, and for a classifier the output is ``head(backbone logits, d_last)``.
+    Models whose output is not class logits (segmentation maps, detection losses, flows) have no
+    joint head and return the backbone's output. In the ODConv / DyConv ablations there is no ``d``:
+    no stem, no head.
 
     Attributes:
         backbone: the original model with its layers replaced in place.
@@ -33,32 +64,57 @@ class KRModel(nn.Module):
         head: :class:`JointHead` or ``None``.
         config: the :class:`KRConfig` it was converted with.
         report: the :class:`ConversionReport` of the conversion.
+        num_classes: ``K`` of a classifier, else ``None``.
 
-    Shapes: images (B, C, H, W) → whatever the backbone returns, with the KR branch added to its
-    logits (B, K).
+    Shapes: whatever the backbone takes → whatever it returns, with the KR branch added to its
+    logits (B, K) when it returns logits.
     """
 
     def __init__(
         self,
         backbone: nn.Module,
         config: KRConfig,
-        num_classes: int,
-        in_channels: int,
         report: ConversionReport,
+        *,
+        num_classes: int | None,
+        stem_input_shape: tuple[int, ...] = (3, 224, 224),
+        stem_on: str = "",
+        stem_stack: int = 1,
     ) -> None:
+        """
+        Args:
+            backbone: the model with its layers replaced.
+            config: the conversion options.
+            report: what the conversion did.
+            num_classes: ``K`` when the backbone returns class logits (a joint head is added).
+            stem_input_shape: ``(C, H, W)`` images or ``(C, T, H, W)`` videos the stem will see
+                (one sample's shape; the sizes only set the number of temporal frequencies).
+            stem_on: the backbone submodule whose input the stem reads (``""``: the backbone's).
+            stem_stack: that input holds ``k`` stacked copies of the batch.
+        """
         super().__init__()
         self.backbone = backbone
         self.config = config
         self.num_classes = num_classes
-        self.in_channels = in_channels
+        self.in_channels = stem_input_shape[0]
         self.report = report
-        if config.uses_repr:
-            self.stem = FFTStem(in_channels, config.repr_dim, config.fft_size)
-            self.head = JointHead(config.repr_dim, num_classes, zero_init=config.preserve_function)
-        else:
-            self.stem = None
-            self.head = None
+        self.stem_on = stem_on
         self.chain = ReprChain()
+        self.stem: FFTStem | None = None
+        self.head: JointHead | None = None
+        if config.uses_repr:
+            self.stem = FFTStem(
+                self.in_channels,
+                config.repr_dim,
+                config.fft_size,
+                time_freq=stem_time_frequencies(stem_input_shape, config.fft_size),
+            )
+            if num_classes is not None:
+                self.head = JointHead(
+                    config.repr_dim, num_classes, zero_init=config.preserve_function
+                )
+            entry = backbone.get_submodule(stem_on)
+            entry.register_forward_pre_hook(StemHook(self.stem, self.chain, stem_stack))
         for name, layer in self.kr_layers():
             layer.attach(self.chain, name)
         reference = next(backbone.parameters(), None)
@@ -82,21 +138,29 @@ class KRModel(nn.Module):
             return float(layer.generator.temperature)
         return 1.0
 
-    def forward(self, x: Tensor) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.stem is None:
-            return self.backbone(x)
-        d0 = self.stem(x)
-        with self.chain.run(d0) as run:
-            out = self.backbone(x)
-            d_last = run.read("joint head", d0.shape[0])
+            return self.backbone(*args, **kwargs)
+        with self.chain.run() as run:
+            out = self.backbone(*args, **kwargs)
+            if self.head is None:
+                return out
+            d_last = run.read("joint head", main_logits(out).shape[0])
         return self.head(out, d_last)
 
     def to_static(self) -> nn.Module:
         """The architecture before conversion: a copy of the backbone with static layers again."""
         static = copy.deepcopy(self.backbone)
+        for module in static.modules():
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if isinstance(hook, StemHook):
+                    del module._forward_pre_hooks[key]
+        replaced: list[str] = []
         for name, module in list(static.named_modules()):
-            if isinstance(module, KRLayer | KRMultiheadAttention):
-                _set_submodule(static, name, module.to_static())
+            inside = any(name.startswith(f"{r}.") for r in replaced)
+            if name and not inside and isinstance(module, KR_MODULES):
+                static.set_submodule(name, module.to_static())
+                replaced.append(name)
         return static
 
     # A checkpoint records the conversion options; loading into a model converted with other
@@ -135,14 +199,29 @@ class KRModel(nn.Module):
             )
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
+def stem_time_frequencies(stem_input_shape: tuple[int, ...], fft_size: int) -> int:
+    """Temporal frequencies of the stem: 0 for images (C, H, W); for videos (C, T, H, W) as many as
+    ``T`` frames resolve, up to ``fft_size``."""
+    if len(stem_input_shape) == 3:
+        return 0
+    if len(stem_input_shape) == 4:
+        return max(1, min(fft_size, (stem_input_shape[1] + 1) // 2))
+    raise ValueError(
+        "the d_0 stem reads images (B, C, H, W) or videos (B, C, T, H, W); the model's first layer "
+        f"sees inputs of shape (B, {', '.join(map(str, stem_input_shape))}). Use mode='odconv' "
+        "(no kernel representation) for other inputs."
+    )
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def find_kr_models(module: nn.Module) -> list[tuple[str, KRModel]]:
+    """The outermost :class:`KRModel` submodules of ``module`` (``""`` if ``module`` is one)."""
+    found: list[tuple[str, KRModel]] = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, KRModel) and not any(
+            name.startswith(f"{n}.") or not n for n, _ in found
+        ):
+            found.append((name, sub))
+    return found
 
 
 def parameter_dtype(module: nn.Module) -> torch.dtype:

@@ -6,6 +6,12 @@ from dataclasses import asdict, dataclass, field
 
 from rich.console import Console
 from rich.table import Table
+from torch import nn
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of ``module`` (trainable or not)."""
+    return sum(p.numel() for p in module.parameters())
 
 
 @dataclass
@@ -34,6 +40,8 @@ class ConversionReport:
     classifier: str | None = None  # the final classifier: the joint head's feature branch
     probe_mode: str = "train"  # "eval" when the training-mode probe pass failed
     probe_fallback_reason: str | None = None  # the error of that failed training-mode pass
+    output: str = ""  # type of what the model returned in the probe pass
+    notes: list[str] = field(default_factory=list)  # e.g. why there is no joint head
 
     @property
     def replaced(self) -> list[LayerDecision]:
@@ -51,6 +59,8 @@ class ConversionReport:
             "classifier": self.classifier,
             "probe_mode": self.probe_mode,
             "probe_fallback_reason": self.probe_fallback_reason,
+            "output": self.output,
+            "notes": list(self.notes),
             "decisions": [asdict(d) for d in self.decisions],
         }
 
@@ -61,11 +71,14 @@ class ConversionReport:
                 f"params {self.params_before / 1e6:.2f} M → {self.params_after / 1e6:.2f} M"
             )
         )
+        captions = list(self.notes)
         if self.probe_fallback_reason is not None:
-            table.caption = (
+            captions.append(
                 f"probe pass in eval mode (training mode failed: {self.probe_fallback_reason}); "
                 "layers that run only in training were not seen"
             )
+        if captions:
+            table.caption = "\n".join(captions)
         for column in ("layer", "type", "action", "params before", "params after", "reason"):
             table.add_column(column, overflow="fold")
         for d in self.decisions:

@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.models import mobilenet_v2, resnet18, squeezenet1_1, vit_b_16
 
 from lightning_kr import KRModel, kr_convert
-from lightning_kr.layers import KRConv2d, KRLinear, KRMultiheadAttention
+from lightning_kr.layers import KRConv1d, KRConv2d, KRLinear, KRMultiheadAttention
 
 
 def small_resnet(**kwargs):
@@ -183,10 +183,11 @@ class WithConv1d(nn.Module):
 def test_unsupported_layers_are_skipped_and_listed():
     model = kr_convert(WithConv1d(), input_size=16)
     skipped = {d.name: d.reason for d in model.report.skipped}
-    assert "2-D convolutions" in skipped["temporal"] and "2-D convolutions" in skipped["up"]
-    assert [d.name for d in model.report.replaced] == ["body"]
-    with pytest.raises(ValueError, match="cannot convert 'temporal'"):
-        kr_convert(WithConv1d(), input_size=16, include=["temporal", "body"])
+    assert "transposed convolutions stay static" in skipped["up"]
+    assert [d.name for d in model.report.replaced] == ["body", "temporal"]
+    assert isinstance(model.backbone.temporal, KRConv1d)
+    with pytest.raises(ValueError, match="cannot convert 'up'"):
+        kr_convert(WithConv1d(), input_size=16, include=["up", "body"])
 
 
 def test_state_dict_round_trip_and_option_mismatch():

@@ -6,7 +6,13 @@ import torchvision
 from torchvision.models import get_model, list_models
 
 from lightning_kr import kr_convert
-from lightning_kr.layers import KRConv2d, KRLayer, KRLinear, KRMultiheadAttention
+from lightning_kr.layers import (
+    KRConv2d,
+    KRLayer,
+    KRLinear,
+    KRMultiheadAttention,
+    KRShiftedWindowAttention,
+)
 
 
 def smallest_input(name: str) -> int:
@@ -68,10 +74,11 @@ def test_inception_aux_logits_are_converted_and_trained():
     assert model.backbone.AuxLogits.fc.weight.grad is not None
 
 
-def test_swin_attention_linears_used_functionally_are_left_static_with_reason():
+def test_swin_window_attention_becomes_kr_attention():
     model = kr_convert(get_model("swin_t"), input_size=64)
-    skipped = {d.name: d.reason for d in model.report.skipped}
-    assert "never called as a module" in skipped["features.1.0.attn.qkv"]
+    attention = model.backbone.features[1][0].attn
+    assert isinstance(attention, KRShiftedWindowAttention)
+    assert isinstance(attention.qkv, KRLinear) and isinstance(attention.proj, KRLinear)
     assert isinstance(model.backbone.features[1][0].mlp[0], KRLinear)
 
 

@@ -184,7 +184,13 @@ class KernelGenerator(nn.Module):
 
     @property
     def uses_repr(self) -> bool:
-        return self.represent is not None
+        """Whether the fusion reads ``d`` (it writes ``d_{i+1}`` where :attr:`represent` is set)."""
+        return self.repr_dim > 0
+
+    def drop_repr_output(self) -> None:
+        """Stop generating ``d_{i+1}`` (the last KR layer of a model without a joint head, whose
+        ``d`` nothing reads: its KRG would receive no gradient)."""
+        self.represent = None
 
     def forward(self, h: Tensor, d: Tensor | None) -> Attentions:
         if self.uses_repr:

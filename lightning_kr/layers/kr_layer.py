@@ -49,12 +49,18 @@ class KRLayer(nn.Module):
     """
 
     kr_name: str = ""
+    batch_stacked: bool = False  # sees k stacked copies of the batch (k·B rows): d repeated k times
 
-    def attach(self, chain: ReprChain | None, name: str) -> None:
-        """Attach to ``chain`` under the qualified module name ``name`` (used in error messages)."""
+    def attach(
+        self, chain: ReprChain | None, name: str, *, batch_stacked: bool | None = None
+    ) -> None:
+        """Attach to ``chain`` under the qualified module name ``name`` (used in error messages);
+        ``batch_stacked``: the layer's input holds ``k`` stacked copies of the batch."""
         # A plain attribute, not a submodule: the chain holds no parameters and must not be saved.
         self.__dict__["_chain"] = chain
         self.kr_name = name
+        if batch_stacked is not None:
+            self.batch_stacked = batch_stacked
 
     @property
     def chain(self) -> ReprChain | None:
@@ -62,8 +68,8 @@ class KRLayer(nn.Module):
 
     @property
     def uses_repr(self) -> bool:
-        """Whether this layer reads and writes ``d`` (False in the ODConv / DyConv ablations)."""
-        return any(getattr(m, "represent", None) is not None for m in self.modules())
+        """Whether this layer reads ``d`` (False in the ODConv / DyConv ablations)."""
+        return any(getattr(m, "repr_dim", 0) > 0 for m in self.modules())
 
     def read_repr(self, batch_size: int) -> Tensor | None:
         if not self.uses_repr:
@@ -75,7 +81,7 @@ class KRLayer(nn.Module):
                 "attached to no chain. Use it inside the model returned by kr_convert, call "
                 "layer.attach(chain, name), or call layer.forward_with_repr(x, d)."
             )
-        return chain.read(self.kr_name or type(self).__name__, batch_size)
+        return chain.read(self.kr_name or type(self).__name__, batch_size, self.batch_stacked)
 
     def write_repr(self, d: Tensor | None) -> None:
         if d is not None and self.chain is not None:

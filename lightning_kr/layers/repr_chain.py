@@ -33,6 +33,16 @@ from torch import Tensor
 _REENTRANT_FORWARD = torch.utils.checkpoint.CheckpointFunction.forward.__code__
 
 
+class _Pending:
+    """The chain's state in a run that waits for ``d_0`` (see :meth:`ReprChain.start`)."""
+
+    def __repr__(self) -> str:
+        return "<d_0 pending>"
+
+
+PENDING = _Pending()
+
+
 def _in_backward() -> bool:
     """Whether this thread is executing a backward pass (where checkpointed blocks recompute)."""
     return torch._C._current_graph_task_id() != -1
@@ -59,32 +69,56 @@ class ReprChain:
         self._recorded: dict[str, tuple[Tensor, int]] = {}
 
     @contextmanager
-    def run(self, d0: Tensor) -> Iterator[ReprChain]:
-        """Open a forward pass with the initial representation ``d0`` of shape (B, D)."""
+    def run(self, d0: Tensor | None = None) -> Iterator[ReprChain]:
+        """Open a forward pass with the initial representation ``d0`` of shape (B, D), or, without
+        ``d0``, one whose ``d_0`` is set by :meth:`start` (from the images the model's first layer
+        sees)."""
         previous = getattr(self._local, "d", None)
         if previous is None:
             self._recorded = {}
-        self._local.d = d0
+        self._local.d = PENDING if d0 is None else d0
         try:
             yield self
         finally:
             self._local.d = previous
 
+    def start(self, d0: Tensor) -> None:
+        """Set ``d_0`` (B, D) of a run opened without one (later calls in the run are ignored)."""
+        if getattr(self._local, "d", None) is PENDING:
+            self._local.d = d0
+
+    @property
+    def pending(self) -> bool:
+        """A run is open and waits for ``d_0``."""
+        return getattr(self._local, "d", None) is PENDING
+
     @property
     def active(self) -> bool:
         return getattr(self._local, "d", None) is not None
 
-    def read(self, layer_name: str, batch_size: int) -> Tensor:
-        """The current ``d`` (B, D) for the layer called ``layer_name`` that sees ``batch_size``."""
+    def read(self, layer_name: str, batch_size: int, stacked: bool = False) -> Tensor:
+        """The current ``d`` (B, D) for the layer called ``layer_name`` that sees ``batch_size``.
+
+        ``stacked``: the layer sees ``k`` stacked copies of the batch (``k·B`` rows, copy-major, as
+        optical flow's two frames): it gets ``d`` repeated ``k`` times (k·B, D).
+        """
         d = getattr(self._local, "d", None)
         if d is None and _in_backward():
             return self._recorded_for(layer_name, batch_size)
+        if d is PENDING:
+            raise RuntimeError(
+                f"KR layer '{layer_name}' ran before the model's first layer, which sets d_0: "
+                "the conversion's probe pass saw another order. Convert the model with an "
+                "example_input that takes the same path through forward."
+            )
         if d is None:
             raise RuntimeError(
                 f"KR layer '{layer_name}' ran outside a KR forward pass, so it has no kernel "
                 "representation d. Call the KRModel returned by kr_convert (not its .backbone), or "
                 "call layer.forward_with_repr(x, d) with an explicit d of shape (B, repr_dim)."
             )
+        if stacked and d.shape[0] != batch_size and batch_size % d.shape[0] == 0:
+            d = d.repeat(batch_size // d.shape[0], 1)
         if d.shape[0] != batch_size:
             raise RuntimeError(
                 f"KR layer '{layer_name}' received an input with batch size {batch_size}, but the "
@@ -122,9 +156,14 @@ class ReprChain:
 
     def write(self, d: Tensor) -> None:
         """Set ``d_{i+1}`` (B, D) for the next KR layer in execution order (ignored when a layer is
-        recomputed during backward, outside any forward pass)."""
-        if getattr(self._local, "d", None) is not None:
-            self._local.d = d
+        recomputed during backward, outside any forward pass). A layer that saw ``k`` stacked
+        copies of the batch writes (k·B, D): the ``k`` copies of each sample are averaged."""
+        current = getattr(self._local, "d", None)
+        if current is None or current is PENDING:
+            return
+        if d.shape[0] != current.shape[0]:
+            d = d.view(-1, current.shape[0], d.shape[-1]).mean(0)
+        self._local.d = d
 
     def __getstate__(self) -> dict:
         return {}

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from lightning_kr.patch.hybrid_dense import HybridVariant
 from lightning_kr.patch.patch_dynamic_conv import PatchDynamicConv2d
+from lightning_kr.report import count_parameters
 
 AutoencoderKind = Literal["dynamic", "static"]
 
@@ -145,11 +146,6 @@ def static_autoencoder(
 def _matching_width(parameters: int, in_features: int, out_channels: int) -> int:
     """Width ``m`` of ``Conv(in → m) + Conv1×1(m → out)`` with about ``parameters`` parameters."""
     return max(1, round((parameters - out_channels) / (in_features + 1 + out_channels)))
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters of ``module``."""
-    return sum(parameter.numel() for parameter in module.parameters())
 
 
 def build_autoencoder(
