@@ -159,7 +159,7 @@ def kr_convert(
         probe_fallback_reason=seen.fallback_reason,
         output=seen.output_type,
     )
-    stem_on, stem_shape, stem_stack = stem_input(seen)
+    stem_on, stem_shape, stem_rows, stem_layout = stem_input(seen)
     kr_model = KRModel(
         model,
         config,
@@ -167,11 +167,12 @@ def kr_convert(
         num_classes=seen.num_classes,
         stem_input_shape=stem_shape,
         stem_on=stem_on,
-        stem_stack=stem_stack,
+        stem_rows=stem_rows,
+        stem_layout=stem_layout,
     )
     for name, layer in kr_model.kr_layers():
-        stacked = seen.calls.get(name)
-        layer.attach(kr_model.chain, name, batch_stacked=bool(stacked and stacked.stacked))
+        calls = seen.calls.get(name)
+        layer.attach(kr_model.chain, name, batch_layout=(calls and calls.layout) or "batch")
     if config.uses_repr and kr_model.head is None:
         report.notes.append(_drop_unread_representation(kr_model, seen))
     reference = next(model.parameters(), None)
@@ -211,18 +212,20 @@ def example_arguments(
     return (torch.randn(2, in_channels, *size, device=device, dtype=dtype),)
 
 
-def stem_input(seen: Probe) -> tuple[str, tuple[int, ...], int]:
-    """Where the ``d_0`` stem reads its images: ``(module name, one sample's shape, stacked
-    copies)``. The first layer's input when it is an image or video batch (after the model's own
-    preprocessing: detection's transform); else the model's input (an MLP on flattened pixels)."""
+def stem_input(seen: Probe) -> tuple[str, tuple[int, ...], int, str]:
+    """Where the ``d_0`` stem reads its images: ``(module name, one sample's shape, rows per
+    sample, their layout)``. The first layer's input when it is an image or video batch (after the
+    model's own preprocessing: detection's transform); else the model's input (an MLP on flattened
+    pixels)."""
     entry_shape = seen.entry_input_shape
     if seen.entry is not None and len(entry_shape) in (4, 5):
-        stack = entry_shape[0] // seen.samples if entry_shape[0] % seen.samples == 0 else 0
-        if stack:
-            return seen.entry, entry_shape[1:], stack
+        rows = seen.batch_multiple(seen.entry)
+        layout = "batch" if rows == 1 else seen.calls[seen.entry].layout
+        if rows is not None and layout is not None:
+            return seen.entry, entry_shape[1:], rows, layout
     if len(seen.model_input_shape) in (4, 5):
-        return "", seen.model_input_shape[1:], 1
-    return seen.entry or "", (entry_shape or seen.model_input_shape)[1:], 1
+        return "", seen.model_input_shape[1:], 1, "batch"
+    return seen.entry or "", (entry_shape or seen.model_input_shape)[1:], 1, "batch"
 
 
 def _drop_unread_representation(kr_model: KRModel, seen: Probe) -> str:

@@ -15,7 +15,7 @@ from lightning_kr.layers.joint_head import JointHead
 from lightning_kr.layers.kr_layer import KRLayer
 from lightning_kr.layers.kr_multihead_attention import KRMultiheadAttention
 from lightning_kr.layers.kr_window_attention import KRShiftedWindowAttention
-from lightning_kr.layers.repr_chain import ReprChain
+from lightning_kr.layers.repr_chain import BatchLayout, ReprChain, rows_to_samples
 from lightning_kr.outputs import main_logits
 from lightning_kr.report import ConversionReport
 
@@ -28,21 +28,23 @@ class StemHook:
     """Forward pre-hook on the module whose input is the images the backbone sees: computes
     ``d_0 = stem(images)`` and starts the chain's run with it.
 
-    ``stack``: the module sees ``k`` stacked copies of the batch (optical flow's two frames): the
-    ``k`` representations of each sample are averaged into one ``d_0`` (B, D).
+    ``rows``: the module sees ``k`` rows per sample, laid out as ``layout`` (optical flow's two
+    frames stacked on the batch): the ``k`` representations of each sample are averaged into one
+    ``d_0`` (B, D).
     """
 
-    def __init__(self, stem: FFTStem, chain: ReprChain, stack: int = 1) -> None:
+    def __init__(
+        self, stem: FFTStem, chain: ReprChain, rows: int = 1, layout: BatchLayout = "batch"
+    ) -> None:
         self.stem = stem
         self.chain = chain
-        self.stack = stack
+        self.rows = rows
+        self.layout = layout
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if self.chain.pending:
             images = args[0]
-            d0 = self.stem(images)
-            if self.stack > 1:
-                d0 = d0.view(self.stack, -1, d0.shape[-1]).mean(0)
+            d0 = rows_to_samples(self.stem(images), images.shape[0] // self.rows, self.layout)
             self.chain.start(d0)
 
 
@@ -79,7 +81,8 @@ class KRModel(nn.Module):
         num_classes: int | None,
         stem_input_shape: tuple[int, ...] = (3, 224, 224),
         stem_on: str = "",
-        stem_stack: int = 1,
+        stem_rows: int = 1,
+        stem_layout: BatchLayout = "batch",
     ) -> None:
         """
         Args:
@@ -90,7 +93,7 @@ class KRModel(nn.Module):
             stem_input_shape: ``(C, H, W)`` images or ``(C, T, H, W)`` videos the stem will see
                 (one sample's shape; the sizes only set the number of temporal frequencies).
             stem_on: the backbone submodule whose input the stem reads (``""``: the backbone's).
-            stem_stack: that input holds ``k`` stacked copies of the batch.
+            stem_rows, stem_layout: that input holds ``k`` rows per sample in this layout.
         """
         super().__init__()
         self.backbone = backbone
@@ -114,7 +117,7 @@ class KRModel(nn.Module):
                     config.repr_dim, num_classes, zero_init=config.preserve_function
                 )
             entry = backbone.get_submodule(stem_on)
-            entry.register_forward_pre_hook(StemHook(self.stem, self.chain, stem_stack))
+            entry.register_forward_pre_hook(StemHook(self.stem, self.chain, stem_rows, stem_layout))
         for name, layer in self.kr_layers():
             layer.attach(self.chain, name)
         reference = next(backbone.parameters(), None)

@@ -9,8 +9,9 @@ reason to keep it static (or ``None``: convert) out. The rules, in order:
 * a classifier's final layer stays static: it is the feature branch of the joint head;
 * a module never called as a module (its parent reads its weights) stays static;
 * a module whose input does not carry the batch on its first dimension stays static; one that sees
-  ``k`` stacked copies of the batch (optical flow's two frames) is converted and takes each
-  sample's ``d``; one that sees ``k·B`` rows of another layout (detection proposals) stays static;
+  ``k·B`` rows in a fixed layout (optical flow's two frames stacked, MViT's heads) is converted
+  and gives each row its sample's ``d``; one that sees ``k·B`` rows in no fixed layout (detection
+  proposals) stays static;
 * ``MultiheadAttention`` that is not plain self-attention stays static;
 * then the targets (as in PEFT): ``include`` (if given) must match, ``exclude`` must not, and
   ``filter_fn`` has the last word.
@@ -83,10 +84,10 @@ def decide(
             "its input does not carry the batch on its first dimension (the model reshapes the "
             "batch)"
         )
-    if multiple > 1 and not calls.stacked:
+    if multiple > 1 and calls.layout is None:
         return Verdict(
-            f"its batch is {multiple}× the images' and not {multiple} stacked copies of them (e.g. "
-            "detection proposals): which image's d a row takes is not known"
+            f"its batch is {multiple}× the images', in no fixed layout (e.g. detection proposals, "
+            "whose number per image varies): which image's d a row takes is not known"
         )
     if isinstance(module, nn.MultiheadAttention) and (
         not calls.self_attention

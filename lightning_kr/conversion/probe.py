@@ -8,10 +8,13 @@ every module of a convertible type (:data:`~lightning_kr.conversion.create.FACTO
 self-attention. It also records the input of the first layer that runs (what the ``d_0`` stem will
 see) and what the model returns (class logits or not).
 
-Where a layer sees ``k`` times the batch (optical flow stacks the two frames on the batch,
-detection's box head sees the proposals of every image), a second pass in eval mode changes one
-sample of the example and looks at which rows of the layer's input change: stacked copies of the
-batch (``[x_1..x_B, x'_1..x'_B]``) can take each sample's ``d``; anything else cannot.
+Where a layer sees ``k`` times the batch (optical flow stacks the two frames on the batch, MViT
+pools each head as a sample, detection's box head sees the proposals of every image), a second pass
+in eval mode changes one sample of the example and looks at which rows of the layer's input change:
+``k`` stacked copies of the batch (rows ``1, B + 1, ...``) or ``k`` consecutive rows per sample
+(rows ``k .. 2k - 1``), the same ``k`` in both modes, can take each sample's ``d``
+(:data:`~lightning_kr.layers.repr_chain.BatchLayout`); anything else cannot (detection's proposals:
+their number per image differs between training and inference).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class LayerCalls:
     batches: list[int | None] = field(default_factory=list)
     input_shape: tuple[int, ...] = ()
     self_attention: bool = True  # MultiheadAttention: query is key is value at every call
-    stacked: bool | None = None  # batch k·B: True = k stacked copies of the batch (tested)
+    layout: str | None = None  # BatchLayout of a k·B batch, tested; None: another layout
 
 
 @dataclass
@@ -188,9 +191,9 @@ def probe(
                         f"{error}. Pass example_input= (or input_size=) with what this model's "
                         "forward accepts (a tensor, or a tuple of positional arguments)."
                     ) from error
-            stacked = [name for name in result.calls if (result.batch_multiple(name) or 1) > 1]
-            if stacked:
-                _test_stacking(model, args, modules, result, stacked)
+            multiples = [name for name in result.calls if (result.batch_multiple(name) or 1) > 1]
+            if multiples:
+                _find_layouts(model, args, modules, result, multiples)
     finally:
         model.train(was_training)
         with torch.no_grad():
@@ -202,25 +205,22 @@ def probe(
     return result
 
 
-def _test_stacking(
+def _find_layouts(
     model: nn.Module, args: tuple, modules: dict[nn.Module, str], result: Probe, names: list[str]
 ) -> None:
-    """Mark each layer of ``names`` (which saw ``k·B`` samples) stacked or not: in eval mode, change
-    sample 1 of the example; stacked copies change rows ``1, B + 1, 2B + 1, ...`` only."""
+    """Set the layout of each layer of ``names`` (which saw ``k·B`` rows): in eval mode, change
+    sample 1 of the example and see which rows of the layer's first input change."""
     if result.samples < 2:
-        for name in names:
-            result.calls[name].stacked = False
         return
-    wanted = {modules_name: None for modules_name in names}
-    seen: dict[str, list[Tensor]] = {name: [] for name in names}
+    seen: dict[str, list[Tensor | None]] = {name: [] for name in names}
 
     def record(module: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
         name = modules[module]
-        if name in wanted:
+        if name in seen and not seen[name]:
             first = next(
                 (a for a in (*call_args, *call_kwargs.values()) if isinstance(a, Tensor)), None
             )
-            seen[name].append(first.detach().clone() if first is not None else None)
+            seen[name].append(None if first is None else first.detach().clone())
 
     model.eval()
     with torch.random.fork_rng(devices=[]):
@@ -233,19 +233,15 @@ def _test_stacking(
         _run(model, _change_sample(args, 1, result.samples), modules, record)
     for name in names:
         k = result.batch_multiple(name) or 1
-        before, after = original[name], seen[name][:1]
-        ok = (
-            len(before) == 1
-            and len(after) == 1
-            and before[0] is not None
-            and after[0] is not None
-            and before[0].shape == after[0].shape
-        )
-        if ok:
-            changed = (before[0] - after[0]).abs().flatten(1).amax(1) > 0
-            rows = set(torch.nonzero(changed).flatten().tolist())
-            ok = rows == {1 + j * result.samples for j in range(k)}
-        result.calls[name].stacked = ok
+        before, after = (original[name] or [None])[0], (seen[name] or [None])[0]
+        if before is None or after is None or before.shape != after.shape:
+            continue
+        changed = (before - after).abs().flatten(1).amax(1) > 0
+        rows = set(torch.nonzero(changed).flatten().tolist())
+        if rows == {1 + j * result.samples for j in range(k)}:
+            result.calls[name].layout = "stacked"
+        elif rows == set(range(k, 2 * k)):
+            result.calls[name].layout = "interleaved"
 
 
 def _change_sample(args: tuple, index: int, samples: int) -> tuple:

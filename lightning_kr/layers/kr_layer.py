@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lightning_kr.layers.repr_chain import ReprChain
+from lightning_kr.layers.repr_chain import BatchLayout, ReprChain
 
 
 def candidates_from_static(weight: Tensor, kernel_num: int, noise: float) -> Tensor:
@@ -49,18 +49,19 @@ class KRLayer(nn.Module):
     """
 
     kr_name: str = ""
-    batch_stacked: bool = False  # sees k stacked copies of the batch (k·B rows): d repeated k times
+    batch_layout: BatchLayout = "batch"  # how the input's rows relate to the model's samples
 
     def attach(
-        self, chain: ReprChain | None, name: str, *, batch_stacked: bool | None = None
+        self, chain: ReprChain | None, name: str, *, batch_layout: BatchLayout | None = None
     ) -> None:
         """Attach to ``chain`` under the qualified module name ``name`` (used in error messages);
-        ``batch_stacked``: the layer's input holds ``k`` stacked copies of the batch."""
+        ``batch_layout``: how the rows of this layer's input relate to the model's samples (set by
+        :func:`~lightning_kr.kr_convert` from its probe pass)."""
         # A plain attribute, not a submodule: the chain holds no parameters and must not be saved.
         self.__dict__["_chain"] = chain
         self.kr_name = name
-        if batch_stacked is not None:
-            self.batch_stacked = batch_stacked
+        if batch_layout is not None:
+            self.batch_layout = batch_layout
 
     @property
     def chain(self) -> ReprChain | None:
@@ -81,11 +82,11 @@ class KRLayer(nn.Module):
                 "attached to no chain. Use it inside the model returned by kr_convert, call "
                 "layer.attach(chain, name), or call layer.forward_with_repr(x, d)."
             )
-        return chain.read(self.kr_name or type(self).__name__, batch_size, self.batch_stacked)
+        return chain.read(self.kr_name or type(self).__name__, batch_size, self.batch_layout)
 
     def write_repr(self, d: Tensor | None) -> None:
         if d is not None and self.chain is not None:
-            self.chain.write(d)
+            self.chain.write(d, self.batch_layout)
 
     def forward(self, x: Tensor) -> Tensor:
         """``y`` for input ``x``; reads ``d_i`` from the chain and writes ``d_{i+1}`` back."""

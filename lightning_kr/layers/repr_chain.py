@@ -25,6 +25,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 import torch.utils.checkpoint
@@ -42,6 +43,11 @@ class _Pending:
 
 PENDING = _Pending()
 
+BatchLayout = Literal["batch", "stacked", "interleaved"]
+"""How a layer's input rows relate to the model's samples: one row per sample (``"batch"``), ``k``
+stacked copies of the batch (``"stacked"``: rows ``[x_1..x_B, x'_1..x'_B]``, optical flow's two
+frames) or ``k`` consecutive rows per sample (``"interleaved"``: MViT's heads, windows)."""
+
 
 def _in_backward() -> bool:
     """Whether this thread is executing a backward pass (where checkpointed blocks recompute)."""
@@ -56,6 +62,16 @@ def _in_reentrant_checkpoint() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def rows_to_samples(d: Tensor, samples: int, layout: BatchLayout) -> Tensor:
+    """Average the ``k`` rows of each sample of ``d`` (k·B, D) laid out as ``layout``: (B, D)."""
+    if d.shape[0] == samples:
+        return d
+    size = d.shape[-1]
+    if layout == "stacked":
+        return d.view(-1, samples, size).mean(0)
+    return d.view(samples, -1, size).mean(1)
 
 
 class ReprChain:
@@ -96,11 +112,11 @@ class ReprChain:
     def active(self) -> bool:
         return getattr(self._local, "d", None) is not None
 
-    def read(self, layer_name: str, batch_size: int, stacked: bool = False) -> Tensor:
+    def read(self, layer_name: str, batch_size: int, layout: BatchLayout = "batch") -> Tensor:
         """The current ``d`` (B, D) for the layer called ``layer_name`` that sees ``batch_size``.
 
-        ``stacked``: the layer sees ``k`` stacked copies of the batch (``k·B`` rows, copy-major, as
-        optical flow's two frames): it gets ``d`` repeated ``k`` times (k·B, D).
+        A layer whose input holds ``k·B`` rows (``layout`` ``"stacked"`` or ``"interleaved"``, see
+        :data:`BatchLayout`) gets each sample's ``d`` on each of its rows: (k·B, D).
         """
         d = getattr(self._local, "d", None)
         if d is None and _in_backward():
@@ -117,8 +133,9 @@ class ReprChain:
                 "representation d. Call the KRModel returned by kr_convert (not its .backbone), or "
                 "call layer.forward_with_repr(x, d) with an explicit d of shape (B, repr_dim)."
             )
-        if stacked and d.shape[0] != batch_size and batch_size % d.shape[0] == 0:
-            d = d.repeat(batch_size // d.shape[0], 1)
+        if layout != "batch" and d.shape[0] != batch_size and batch_size % d.shape[0] == 0:
+            copies = batch_size // d.shape[0]
+            d = d.repeat(copies, 1) if layout == "stacked" else d.repeat_interleave(copies, 0)
         if d.shape[0] != batch_size:
             raise RuntimeError(
                 f"KR layer '{layer_name}' received an input with batch size {batch_size}, but the "
@@ -154,16 +171,14 @@ class ReprChain:
             )
         return d
 
-    def write(self, d: Tensor) -> None:
+    def write(self, d: Tensor, layout: BatchLayout = "batch") -> None:
         """Set ``d_{i+1}`` (B, D) for the next KR layer in execution order (ignored when a layer is
-        recomputed during backward, outside any forward pass). A layer that saw ``k`` stacked
-        copies of the batch writes (k·B, D): the ``k`` copies of each sample are averaged."""
+        recomputed during backward, outside any forward pass). A layer that saw ``k·B`` rows
+        (``layout``) writes (k·B, D): the ``k`` rows of each sample are averaged."""
         current = getattr(self._local, "d", None)
         if current is None or current is PENDING:
             return
-        if d.shape[0] != current.shape[0]:
-            d = d.view(-1, current.shape[0], d.shape[-1]).mean(0)
-        self._local.d = d
+        self._local.d = rows_to_samples(d, current.shape[0], layout)
 
     def __getstate__(self) -> dict:
         return {}
