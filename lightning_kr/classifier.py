@@ -17,12 +17,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_kr.config import KRConfig
 from lightning_kr.convert import kr_convert
 from lightning_kr.kr_model import KRModel
 from lightning_kr.models import build_model
 from lightning_kr.outputs import main_logits
 
-Mode = Literal["static", "kr", "odconv", "dyconv"]
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["cosine", "step", "constant"]
 
@@ -75,7 +75,7 @@ class KRClassifier(LightningModule):
     """Image classification with a model converted by :func:`~lightning_kr.kr_convert` before training.
 
     The model is converted in ``__init__``, so the optimiser, DDP, checkpoints and Lightning's model
-    summary all see the KR model. ``mode="static"`` trains the unconverted model: the baseline row.
+    summary all see the KR model. ``kr=None`` trains the unconverted model: the baseline row.
     Loss: cross-entropy with optional label smoothing (also with soft targets (B, K), as produced by
     Mixup / CutMix). Metrics: top-1 accuracy and, with more than 5 classes, top-5 accuracy, logged as
     ``{train,val,test}/acc_top1`` and ``.../acc_top5``; losses as ``{train,val,test}/loss``.
@@ -86,12 +86,9 @@ class KRClassifier(LightningModule):
             mapping images (B, C, H, W) to logits (B, K).
         num_classes: ``K`` for a builder (default 1000). For a module it is read from its output and,
             if given, must agree.
-        mode: ``"static"`` (no conversion), ``"kr"``, ``"odconv"`` (ablation: no kernel
-            representation) or ``"dyconv"`` (ablation: kernel-number attention only).
-        kernel_num, reduction, min_hidden, repr_dim, attentions, fft_size, preserve_function,
-        attention_norm, init_noise, include, exclude: the options of
-            :func:`~lightning_kr.kr_convert`.
-        conv_strategy: ``strategy`` of ``kr_convert`` (how per-sample kernels are applied).
+        kr: the conversion options, a :class:`~lightning_kr.KRConfig` (or its fields as a dict, as
+            read back from a checkpoint); ``None`` trains the static model. In YAML:
+            ``kr: {kernel_num: 4, mode: odconv}`` or ``kr: null``.
         image_size: side of the training images; sets ``example_input_array`` (1, C, S, S), used by
             the probe pass of the conversion, by the model summary's FLOP count and by
             ``FlopsOverhead``.
@@ -116,7 +113,7 @@ class KRClassifier(LightningModule):
 
     Example::
 
-        >>> classifier = KRClassifier("resnet18", num_classes=10, kernel_num=4, image_size=32)
+        >>> classifier = KRClassifier("resnet18", num_classes=10, kr=KRConfig(kernel_num=4), image_size=32)
         >>> classifier(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])
         >>> trainer = Trainer(max_epochs=10)  # doctest: +SKIP
@@ -127,19 +124,7 @@ class KRClassifier(LightningModule):
         self,
         model: str | nn.Module = "resnet18",
         num_classes: int | None = None,
-        mode: Mode = "kr",
-        kernel_num: int = 1,
-        reduction: float = 1 / 16,
-        min_hidden: int = 16,
-        repr_dim: int = 32,
-        attentions: list[str] | None = None,
-        fft_size: int = 4,
-        preserve_function: bool = True,
-        attention_norm: bool = True,
-        init_noise: float = 0.1,
-        include: str | list[str] | None = None,
-        exclude: str | list[str] | None = None,
-        conv_strategy: str = "auto",
+        kr: KRConfig | dict[str, Any] | None = KRConfig(),  # noqa: B008 (immutable)
         image_size: int = 224,
         in_channels: int = 3,
         model_kwargs: dict[str, Any] | None = None,
@@ -161,15 +146,18 @@ class KRClassifier(LightningModule):
         gamma: float = 0.1,
     ) -> None:
         super().__init__()
-        if mode not in ("static", "kr", "odconv", "dyconv"):
-            raise ValueError(f"mode must be 'static', 'kr', 'odconv' or 'dyconv'; got {mode!r}")
+        config = KRConfig(**kr) if isinstance(kr, dict) else kr
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw'; got {optimizer!r}")
         if schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"schedule must be 'cosine', 'step' or 'constant'; got {schedule!r}")
         if schedule == "step" and not milestones:
             raise ValueError("schedule='step' needs milestones (epochs), e.g. [30, 60, 90]")
-        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        self.save_hyperparameters(
+            ignore=["model", "kr"] if isinstance(model, nn.Module) else ["kr"]
+        )
+        # Plain data in the checkpoint (loads with weights_only=True); __init__ reads it back.
+        self.hparams["kr"] = None if config is None else config.as_record()
         self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
 
         if isinstance(model, nn.Module):
@@ -180,29 +168,18 @@ class KRClassifier(LightningModule):
             )
         if head_dropout > 0:
             insert_head_dropout(network, head_dropout)
-        if mode == "static":
+        if config is None:
             self.model: nn.Module = network
             outputs = _count_logits(network, self.example_input_array)
         else:
             self.model = kr_convert(
-                network,
-                kernel_num=kernel_num,
-                reduction=reduction,
-                min_hidden=min_hidden,
-                repr_dim=repr_dim,
-                mode=mode,
-                attentions=attentions,
-                fft_size=fft_size,
-                preserve_function=preserve_function,
-                attention_norm=attention_norm,
-                init_noise=init_noise,
-                strategy=conv_strategy,
-                include=include,
-                exclude=exclude,
-                input_size=image_size,
-                in_channels=in_channels,
-                inplace=True,
+                network, config, input_size=image_size, in_channels=in_channels, inplace=True
             )
+            if self.model.num_classes is None:
+                raise ValueError(
+                    "KRClassifier needs a model that returns class logits (B, K); this one returns "
+                    f"{self.model.report.output}. Use kr_convert directly for other models."
+                )
             outputs = self.model.num_classes
         if num_classes is not None and outputs != num_classes:
             raise ValueError(
@@ -223,7 +200,7 @@ class KRClassifier(LightningModule):
 
     @property
     def kr_model(self) -> KRModel | None:
-        """The :class:`~lightning_kr.KRModel`, or ``None`` in ``mode="static"``."""
+        """The :class:`~lightning_kr.KRModel`, or ``None`` for the static model (``kr=None``)."""
         return self.model if isinstance(self.model, KRModel) else None
 
     def forward(self, images: Tensor) -> Tensor:

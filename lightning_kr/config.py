@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from lightning_kr.layers.dynamic_conv import STRATEGIES
@@ -64,7 +64,6 @@ class KRConfig:
     strategy: str = "auto"
     include: str | tuple[str, ...] | None = None
     exclude: str | tuple[str, ...] | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("attentions", "include", "exclude"):
@@ -91,7 +90,7 @@ class KRConfig:
     @classmethod
     def with_overrides(cls, config: KRConfig | None, **overrides: Any) -> KRConfig:
         """``config`` (default: ``KRConfig()``) with some options replaced; unknown names fail."""
-        names = {f.name for f in fields(cls)} - {"extra"}
+        names = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"unknown KR option(s) {unknown}; KRConfig has {sorted(names)}")
@@ -125,7 +124,7 @@ class KRConfig:
 
     def as_record(self) -> dict[str, Any]:
         """Plain data (str/int/float/bool/list) for checkpoints: safe with ``weights_only=True``."""
-        record = {k: v for k, v in asdict(self).items() if k != "extra"}
+        record = asdict(self)
         record["attentions"] = list(self.resolved_attentions)
         for name in ("include", "exclude"):
             if isinstance(record[name], tuple):

@@ -5,7 +5,7 @@ scikit-learn (a couple of minutes on two CPU cores); a config under ``recipes/co
 row of the poster and ``--data.root`` points at ImageNet::
 
     python recipes/imagenet.py fit                                   # embedded digits
-    python recipes/imagenet.py fit --model.mode static               # its static baseline
+    python recipes/imagenet.py fit --model.kr null                   # its static baseline
     python recipes/imagenet.py fit --data.root /data/imagenet        # ImageNet, row resnet18_kr_1x
     python recipes/imagenet.py fit --config recipes/configs/vit_tiny_kr_4x.yaml \\
         --data.root /data/imagenet                                    # another row (8 GPUs, DDP)
@@ -175,8 +175,8 @@ def collect_results(trainer: Trainer, classifier: KRClassifier, stage: str) -> d
     static_params = kr.report.params_before if kr is not None else _count(classifier.model)
     results: dict[str, Any] = {
         "model": str(classifier.hparams.get("model", type(classifier.model).__name__)),
-        "mode": classifier.hparams.mode,
-        "kernel_num": classifier.hparams.kernel_num if kr is not None else None,
+        "mode": kr.config.mode if kr is not None else "static",
+        "kernel_num": kr.config.kernel_num if kr is not None else None,
         "evaluated_on": "test set" if stage == "test" else "last validation",
         "acc_top1": _scalar(metrics, f"{prefix}/acc_top1"),
         "acc_top5": _scalar(metrics, f"{prefix}/acc_top5"),
@@ -344,9 +344,9 @@ class KRRecipeCLI(LightningCLI):
             return
         data = _class_path(config, "data")
         model = config.get("model")
+        kr = model.get("kr") if isinstance(model, Namespace) else None
         row = (
-            f"{model.model} · {model.mode}"
-            + (f" {model.kernel_num}x" if model.mode != "static" else "")
+            f"{model.model} · " + (f"{kr.mode} {kr.kernel_num}x" if kr is not None else "static")
             if isinstance(model, Namespace)
             else "?"
         )

@@ -10,7 +10,7 @@ from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_kr import KRModel
+from lightning_kr import KRConfig, KRModel
 from lightning_kr.classifier import KRClassifier, insert_head_dropout, lr_factor
 from lightning_kr.layers import KRLayer
 from lightning_kr.models import build_model
@@ -52,16 +52,16 @@ def fit(classifier: KRClassifier, tmp_path, **trainer_options) -> Trainer:
 
 
 def test_builder_name_is_converted_before_training() -> None:
-    classifier = KRClassifier("resnet18", num_classes=10, image_size=32, kernel_num=4)
+    classifier = KRClassifier("resnet18", num_classes=10, image_size=32, kr=KRConfig(kernel_num=4))
     assert isinstance(classifier.model, KRModel)
     assert classifier.kr_model.config.kernel_num == 4
     assert classifier.example_input_array.shape == (1, 3, 32, 32)
     assert classifier(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    assert classifier.hparams.model == "resnet18" and classifier.hparams.kernel_num == 4
+    assert classifier.hparams.model == "resnet18" and classifier.hparams.kr["kernel_num"] == 4
 
 
 def test_static_mode_is_the_unconverted_baseline() -> None:
-    classifier = KRClassifier(small_cnn(), image_size=16, mode="static")
+    classifier = KRClassifier(small_cnn(), image_size=16, kr=None)
     assert classifier.kr_model is None
     assert not any(isinstance(m, KRLayer) for m in classifier.modules())
     assert sum(p.numel() for p in classifier.model.parameters()) == sum(
@@ -71,7 +71,7 @@ def test_static_mode_is_the_unconverted_baseline() -> None:
 
 @pytest.mark.parametrize("mode", ["kr", "odconv", "dyconv"])
 def test_module_is_converted_with_the_chosen_ablation(mode: str) -> None:
-    classifier = KRClassifier(small_cnn(7), image_size=16, mode=mode)
+    classifier = KRClassifier(small_cnn(7), image_size=16, kr={"mode": mode})
     assert classifier.num_classes == 7
     assert classifier.kr_model.config.mode == mode
     assert (classifier.kr_model.stem is not None) == (mode == "kr")
@@ -162,12 +162,13 @@ def test_step_schedule_needs_milestones() -> None:
 
 
 def test_checkpoint_round_trip(tmp_path) -> None:
-    classifier = KRClassifier("resnet18", num_classes=10, image_size=32, kernel_num=2)
+    classifier = KRClassifier("resnet18", num_classes=10, image_size=32, kr=KRConfig(kernel_num=2))
     path = tmp_path / "model.ckpt"
     trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.strategy.connect(classifier)
     trainer.save_checkpoint(path)
-    restored = KRClassifier.load_from_checkpoint(path)
+    restored = KRClassifier.load_from_checkpoint(path, weights_only=True)
+    assert restored.kr_model.config.as_record() == classifier.kr_model.config.as_record()
     images = torch.randn(2, 3, 32, 32)
     classifier.eval()
     restored.eval()
@@ -192,7 +193,7 @@ def test_vit_tiny_is_patch16_width192_depth12_heads3() -> None:
 
 @pytest.mark.parametrize("name", ["vit_tiny", "mobilenet_v2_050"])
 def test_poster_architectures_train_as_kr_models(name: str) -> None:
-    classifier = KRClassifier(name, num_classes=10, image_size=32, mode="odconv")
+    classifier = KRClassifier(name, num_classes=10, image_size=32, kr=KRConfig(mode="odconv"))
     loss = classifier.criterion(classifier(torch.randn(2, 3, 32, 32)), torch.tensor([1, 2]))
     loss.backward()
     assert all(p.grad is not None for p in classifier.parameters())  # DDP needs no unused ones

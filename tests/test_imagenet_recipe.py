@@ -73,7 +73,7 @@ def printed_config(capsys, *args: str) -> dict:
 def test_print_config_shows_the_embedded_default_and_the_kr_callbacks(capsys) -> None:
     config = printed_config(capsys, "fit")
     assert config["data"]["class_path"] == "lightning_kr.data.DigitsDataModule"
-    assert config["model"]["model"] == "resnet18" and config["model"]["mode"] == "kr"
+    assert config["model"]["model"] == "resnet18" and config["model"]["kr"]["mode"] == "kr"
     assert config["temperature"]["start"] == 30.0
     assert {"flops", "embeddings", "checkpoint", "skipped_images"} <= set(config)
     callbacks = [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]]
@@ -88,8 +88,9 @@ def test_every_row_config_parses_with_its_published_recipe(capsys, row: Path) ->
     arch, variant = row.stem.rsplit("_", 1)[0], row.stem.rsplit("_", 1)[1]
     mode = "static" if variant == "static" else row.stem.split("_")[-2]
     model = config["model"]
-    assert model["mode"] == mode
-    assert model["kernel_num"] == (4 if variant == "4x" else 1)
+    kr = model["kr"]
+    assert (kr["mode"] if kr else "static") == mode
+    assert kr is None or kr["kernel_num"] == (4 if variant == "4x" else 1)
     assert config["data"]["class_path"] == "lightning_kr.data.ImageNetDataModule"
     assert config["data"]["init_args"]["image_size"] == 224
     assert config["trainer"]["logger"]["init_args"]["name"] == f"imagenet_{row.stem}"
@@ -107,7 +108,7 @@ def test_every_row_config_parses_with_its_published_recipe(capsys, row: Path) ->
     ) == expected
     assert "Poster:" in row.read_text() and "github.com/" in row.read_text()
     # Nothing of the embedded default leaks into an ImageNet row.
-    assert model["preserve_function"] is True and config["cpu_threads"] is None
+    assert (kr is None or kr["preserve_function"] is True) and config["cpu_threads"] is None
     assert config["trainer"]["num_sanity_val_steps"] == 2
     assert config["embeddings"]["max_samples"] == 2000
     assert "max_shift" not in config["data"]["init_args"]
@@ -122,7 +123,7 @@ def test_fit_on_the_embedded_default_writes_logs_checkpoint_config_and_table(tra
     run = Path(cli.trainer.log_dir)
     assert run.parent.name == "digits_resnet18_kr_1x"
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["mode"] == "kr"
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["kr"]["mode"] == "kr"
     assert any(path.name.startswith("events.out.tfevents") for path in run.iterdir())
     results = json.loads((run / "results_fit.json").read_text())
     assert 0.0 <= results["acc_top1"] <= 1.0
@@ -152,7 +153,7 @@ def test_validate_test_and_predict_from_the_checkpoint(trained) -> None:
 
 
 def test_static_baseline_leaves_out_the_kr_only_callbacks(tmp_path, capsys) -> None:
-    cli = recipe.main(quick(tmp_path, "--model.mode=static"))
+    cli = recipe.main(quick(tmp_path, "--model.kr=null"))
     names = {type(c).__name__ for c in cli.trainer.callbacks}
     assert "TemperatureAnnealing" not in names and "FlopsOverhead" in names
     assert "left out" in capsys.readouterr().out

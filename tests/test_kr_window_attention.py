@@ -179,9 +179,9 @@ class RecordingChain(ReprChain):
         self.events.append(("read", layer_name))
         return super().read(layer_name, batch_size, *args, **kwargs)
 
-    def write(self, d: torch.Tensor) -> None:
+    def write(self, d: torch.Tensor, *args, **kwargs) -> None:
         self.events.append(("write", tuple(d.shape)))
-        super().write(d)
+        super().write(d, *args, **kwargs)
 
 
 @pytest.mark.parametrize("variant", list(SWIN_ATTENTIONS))
