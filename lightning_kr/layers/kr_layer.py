@@ -35,8 +35,9 @@ def candidates_from_static(weight: Tensor, kernel_num: int, noise: float) -> Ten
 
 
 class KRLayer(nn.Module):
-    """Base of :class:`KRConv2d` and :class:`KRLinear` (:class:`KRMultiheadAttention` holds two
-    :class:`KRLinear` links and is no link itself).
+    """Base of the KR convolutions (:class:`KRConvNd`) and :class:`KRLinear`
+    (:class:`KRMultiheadAttention` and :class:`KRShiftedWindowAttention` hold two :class:`KRLinear`
+    links and are no link themselves).
 
     A KR layer is attached to a :class:`ReprChain` by :func:`~lightning_kr.kr_convert` (or by hand with
     :meth:`attach`). Its ``forward`` reads ``d_i`` from the chain and writes ``d_{i+1}``; the pure form
