@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_kr.layers import KRConv2d
-from lightning_kr.layers.dynamic_conv import choose_strategy
+from lightning_kr.layers.dynamic_conv import STRATEGIES, choose_strategy
 from tests.reference import assert_same_values_and_gradients, naive_dynamic_conv2d
 
 
@@ -110,3 +111,19 @@ def test_auto_on_the_smallest_maps_matches_the_reference(batch, kernel_num):
     att = layer.generator(x.mean(dim=(2, 3)), d)
     expected = naive_dynamic_conv2d(x, layer.weight, att, None, (1, 1), (1, 1), (1, 1), 1)
     assert_same_values_and_gradients(y, expected, (x, layer.weight))
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "shared"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_output_has_the_inputs_memory_format_as_conv2d(strategy, channels_last):
+    """Models ``.view()`` a convolution's output (Keypoint R-CNN's loss): KR layers must return it
+    in the layout nn.Conv2d would, whatever layout a strategy computes in."""
+    kernel_num = 1 if strategy == "tap_scaled" else 2
+    conv = KRConv2d(8, 8, 3, padding=1, kernel_num=kernel_num, strategy=strategy)
+    x = torch.randn(3, 8, 6, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, _ = conv.forward_with_repr(x, torch.randn(3, 32))
+    expected = torch.channels_last if channels_last else torch.contiguous_format
+    assert F.conv2d(x, conv.weight[0]).is_contiguous(memory_format=expected)
+    assert y.is_contiguous(memory_format=expected)

@@ -84,10 +84,11 @@ def decide(
             "its input does not carry the batch on its first dimension (the model reshapes the "
             "batch)"
         )
-    if multiple > 1 and calls.layout is None:
+    if calls.layout is None:
         return Verdict(
-            f"its batch is {multiple}× the images', in no fixed layout (e.g. detection proposals, "
-            "whose number per image varies): which image's d a row takes is not known"
+            f"its rows ({multiple}× the images in the probe pass) are not the samples in a fixed "
+            "layout (e.g. detection proposals, whose number per image varies): which image's d a "
+            "row takes is not known"
         )
     if isinstance(module, nn.MultiheadAttention) and (
         not calls.self_attention

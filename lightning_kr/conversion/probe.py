@@ -37,7 +37,7 @@ class LayerCalls:
     batches: list[int | None] = field(default_factory=list)
     input_shape: tuple[int, ...] = ()
     self_attention: bool = True  # MultiheadAttention: query is key is value at every call
-    layout: str | None = None  # BatchLayout of a k·B batch, tested; None: another layout
+    layout: str | None = None  # BatchLayout of its rows (tested in eval mode); None: no fixed one
 
 
 @dataclass
@@ -191,9 +191,10 @@ def probe(
                         f"{error}. Pass example_input= (or input_size=) with what this model's "
                         "forward accepts (a tensor, or a tuple of positional arguments)."
                     ) from error
-            multiples = [name for name in result.calls if (result.batch_multiple(name) or 1) > 1]
-            if multiples:
-                _find_layouts(model, args, modules, result, multiples)
+            batched = [name for name in result.calls if result.batch_multiple(name) is not None]
+            for name in batched:
+                result.calls[name].layout = "batch" if result.batch_multiple(name) == 1 else None
+            _find_layouts(model, args, modules, result, batched)
     finally:
         model.train(was_training)
         with torch.no_grad():
@@ -208,9 +209,12 @@ def probe(
 def _find_layouts(
     model: nn.Module, args: tuple, modules: dict[nn.Module, str], result: Probe, names: list[str]
 ) -> None:
-    """Set the layout of each layer of ``names`` (which saw ``k·B`` rows): in eval mode, change
-    sample 1 of the example and see which rows of the layer's first input change."""
-    if result.samples < 2:
+    """Set the layout of each layer of ``names`` (which saw ``k·B`` rows, ``k >= 1``): in eval mode,
+    change sample 1 of the example and see which rows of the layer's first input change. A layer
+    whose rows are not the samples in a fixed layout (Keypoint R-CNN's head sees as many positive
+    proposals as there are images, by chance) gets no layout; one that runs only in training
+    (auxiliary heads) keeps what the training pass showed."""
+    if result.samples < 2 or not names:
         return
     seen: dict[str, list[Tensor | None]] = {name: [] for name in names}
 
@@ -220,28 +224,45 @@ def _find_layouts(
             first = next(
                 (a for a in (*call_args, *call_kwargs.values()) if isinstance(a, Tensor)), None
             )
+            if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+                first = first.transpose(0, 1)
             seen[name].append(None if first is None else first.detach().clone())
 
     model.eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        _run(model, args, modules, record)
-        original = {name: inputs[:1] for name, inputs in seen.items()}
-        for inputs in seen.values():
-            inputs.clear()
-        torch.manual_seed(0)
-        _run(model, _change_sample(args, 1, result.samples), modules, record)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _run(model, args, modules, record)
+            original = {name: inputs[:1] for name, inputs in seen.items()}
+            for inputs in seen.values():
+                inputs.clear()
+            torch.manual_seed(0)
+            _run(model, _change_sample(args, 1, result.samples), modules, record)
+    except Exception as error:  # the eval pass is a check; without it the training pass stands
+        warnings.warn(
+            f"kr_convert could not check the batch layout of its layers in eval mode ({error}); "
+            "layers are converted on what the training-mode pass showed",
+            stacklevel=4,
+        )
+        return
     for name in names:
         k = result.batch_multiple(name) or 1
         before, after = (original[name] or [None])[0], (seen[name] or [None])[0]
-        if before is None or after is None or before.shape != after.shape:
-            continue
-        changed = (before - after).abs().flatten(1).amax(1) > 0
-        rows = set(torch.nonzero(changed).flatten().tolist())
-        if rows == {1 + j * result.samples for j in range(k)}:
-            result.calls[name].layout = "stacked"
-        elif rows == set(range(k, 2 * k)):
-            result.calls[name].layout = "interleaved"
+        if before is None or after is None:
+            continue  # runs only in training
+        layout = None
+        if (
+            before.shape == after.shape
+            and before.dim() >= 1
+            and before.shape[0] == k * result.samples
+        ):
+            changed = (before - after).abs().flatten(1).amax(1) > 0
+            rows = set(torch.nonzero(changed).flatten().tolist())
+            if rows == {1 + j * result.samples for j in range(k)}:
+                layout = "batch" if k == 1 else "stacked"
+            elif rows == set(range(k, 2 * k)):
+                layout = "interleaved"
+        result.calls[name].layout = layout
 
 
 def _change_sample(args: tuple, index: int, samples: int) -> tuple:

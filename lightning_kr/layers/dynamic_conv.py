@@ -308,6 +308,9 @@ def dynamic_conv2d(
     Returns:
         (B, C_out, H', W').
     """
+    # As F.conv2d: the output in the input's memory format (the GEMM strategies produce
+    # channels-last rows; models that .view() a convolution's output rely on this).
+    memory_format = _memory_format(x)
     batch, c_in = x.shape[:2]
     _n, c_out, c_in_g, kh, kw = weight.shape
     top, bottom, left, right = padding
@@ -347,13 +350,13 @@ def dynamic_conv2d(
         return _reference_conv(
             x, weight, channel_att, filter_att, spatial_att, kernel_att, bias, stride,
             conv_padding, dilation, groups, (out_h, out_w),
-        )  # fmt: skip
+        ).contiguous(memory_format=memory_format)  # fmt: skip
     if strategy == "folded":
         dtype = _compute_dtype(x)
         return FoldedGroupedConv.apply(
             x.to(dtype), weight.to(dtype), *_cast(dtype, channel_att, filter_att, spatial_att),
             *_cast(dtype, kernel_att, bias), stride, conv_padding, dilation, groups,
-        ).view(batch, c_out, out_h, out_w)  # fmt: skip
+        ).view(batch, c_out, out_h, out_w).contiguous(memory_format=memory_format)  # fmt: skip
     if channel_att is not None:
         x = x * channel_att.to(x.dtype)[:, :, None, None]
 
@@ -402,7 +405,18 @@ def dynamic_conv2d(
         y = y * filter_att.to(y.dtype)[:, :, None, None]
     if bias is not None:
         y = y + bias.to(y.dtype)[None, :, None, None]
-    return y
+    return y.contiguous(memory_format=memory_format)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a channels-last (and not also contiguous) input, else contiguous."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
