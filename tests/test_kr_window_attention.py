@@ -52,8 +52,9 @@ def swin_attention(variant: str, shifted: bool) -> nn.Module:
 
 def attached(layer: KRShiftedWindowAttention, chain: ReprChain | None = None) -> ReprChain:
     chain = chain or ReprChain()
-    layer.qkv.attach(chain, "attn.qkv")
-    layer.proj.attach(chain, "attn.proj")
+    for name, link in layer.named_modules():
+        if isinstance(link, KRLinear):  # qkv, (v2: cpb_mlp.0, cpb_mlp.2,) proj
+            link.attach(chain, f"attn.{name}")
     return chain
 
 
@@ -86,12 +87,16 @@ def per_sample_weights(link: KRLinear, h: torch.Tensor, d: torch.Tensor):
     return kernels, att.repr_out
 
 
-def torchvision_per_image(static, x, qkv_weights, proj_weights, proj_bias):
-    """torchvision's attention run image by image, each with its own qkv / proj kernels."""
+def torchvision_per_image(static, x, qkv_weights, proj_weights, proj_bias, cpb_weights=None):
+    """torchvision's attention run image by image, each with its own qkv / proj kernels (and, for
+    v2, its own position-bias MLP kernels)."""
     out = []
     for b in range(x.shape[0]):
         module = copy.deepcopy(static)
         with torch.no_grad():
+            if cpb_weights is not None:
+                module.cpb_mlp[0].weight.copy_(cpb_weights[0][b])
+                module.cpb_mlp[2].weight.copy_(cpb_weights[1][b])
             module.qkv.weight.copy_(qkv_weights[b])
             module.proj.weight.copy_(proj_weights[b])
             module.proj.bias.copy_(proj_bias)
@@ -126,11 +131,18 @@ def test_per_image_kernels_equal_torchvision_run_per_image(variant, shifted, siz
     static = layer.to_static()
     with torch.no_grad():
         qkv_weights, d1 = per_sample_weights(layer.qkv, x.mean(token_dims), d0)
+        cpb = None
+        if variant == "v2":  # the position-bias MLP's kernels, from d after qkv, per image
+            coords = layer.relative_coords_table.flatten(1, 2).expand(BATCH, -1, -1)
+            first, d1 = per_sample_weights(layer.cpb_mlp[0], coords.mean(1), d1)
+            hidden = torch.relu(coords @ first.transpose(1, 2) + layer.cpb_mlp[0].bias)
+            second, d1 = per_sample_weights(layer.cpb_mlp[2], hidden.mean(1), d1)
+            cpb = (first, second)
         # The attention output (proj's input) per image: torchvision with an identity proj.
         eye = torch.eye(DIM).expand(BATCH, DIM, DIM)
-        attended = torchvision_per_image(static, x, qkv_weights, eye, torch.zeros(DIM))
+        attended = torchvision_per_image(static, x, qkv_weights, eye, torch.zeros(DIM), cpb)
         proj_weights, d2 = per_sample_weights(layer.proj, attended.mean(token_dims), d1)
-        want = torchvision_per_image(static, x, qkv_weights, proj_weights, layer.proj.bias)
+        want = torchvision_per_image(static, x, qkv_weights, proj_weights, layer.proj.bias, cpb)
     assert not torch.allclose(qkv_weights[0], qkv_weights[1])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(d_end, d2, rtol=1e-4, atol=1e-5)
@@ -193,11 +205,9 @@ def test_qkv_then_proj_write_image_batch_repr(variant):
     x, d0 = torch.randn(BATCH, *SIZES[variant][0], DIM), torch.randn(BATCH, 32)
     with chain.run(d0):
         layer(x)
+    links = ["qkv", "cpb_mlp.0", "cpb_mlp.2", "proj"] if variant == "v2" else ["qkv", "proj"]
     assert chain.events == [
-        ("read", "attn.qkv"),
-        ("write", (BATCH, 32)),
-        ("read", "attn.proj"),
-        ("write", (BATCH, 32)),
+        event for link in links for event in (("read", f"attn.{link}"), ("write", (BATCH, 32)))
     ]
 
 
@@ -217,8 +227,9 @@ def kr_swin(model: nn.Module, **layer_options) -> tuple[nn.Module, ReprChain]:
             layer = KRShiftedWindowAttention.from_swin(module, **layer_options)
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, layer)
-            layer.qkv.attach(chain, f"{name}.qkv")
-            layer.proj.attach(chain, f"{name}.proj")
+            for link_name, link in layer.named_modules():
+                if isinstance(link, KRLinear):
+                    link.attach(chain, f"{name}.{link_name}")
     return model, chain
 
 

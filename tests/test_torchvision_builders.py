@@ -75,7 +75,7 @@ def test_detection_converts_the_backbone_and_keeps_proposal_heads_static():
     args = example("fasterrcnn_mobilenet_v3_large_320_fpn", (320, 320))
     model = kr_convert(static, example_input=args)
     skipped = {d.name: d.reason for d in model.report.skipped}
-    assert "no fixed layout" in skipped["roi_heads.box_head.fc6"]
+    assert "not the samples in a fixed layout" in skipped["roi_heads.box_head.fc6"]
     assert isinstance(model.backbone.rpn.head.conv[0][0], KRConv2d)
     assert model.head is None and "no joint head" in model.report.notes[0]
     # d_0 comes from the images the backbone sees: normalised and batched by the transform.

@@ -156,6 +156,14 @@ class KRShiftedWindowAttention(nn.Module):
         for name, child in static.named_children():
             if name not in _LINKS:
                 self.add_module(name, child)
+        if variant == "v2":
+            # The continuous position bias is KR too: its MLP's kernels come from each image's d,
+            # so each image gets its own relative position bias (B, h, N, N).
+            self.cpb_mlp = nn.Sequential(
+                KRLinear(2, static.cpb_mlp[0].out_features, True, **kr_options),
+                nn.ReLU(),
+                KRLinear(static.cpb_mlp[2].in_features, num_heads, False, **kr_options),
+            )
         for name, parameter in static.named_parameters(recurse=False):
             self.register_parameter(name, parameter)
         for name, buffer in static.named_buffers(recurse=False):
@@ -174,8 +182,9 @@ class KRShiftedWindowAttention(nn.Module):
         )
 
     def _window_state(self, module: nn.Module) -> dict[str, Tensor]:
-        """``module``'s state dict without the two projections."""
-        return {k: v for k, v in module.state_dict().items() if k.split(".", 1)[0] not in _LINKS}
+        """``module``'s state dict without its KR links (the projections, v2's position-bias MLP)."""
+        links = (*_LINKS, "cpb_mlp")
+        return {k: v for k, v in module.state_dict().items() if k.split(".", 1)[0] not in links}
 
     @classmethod
     def from_swin(
@@ -206,6 +215,11 @@ class KRShiftedWindowAttention(nn.Module):
         layer.load_state_dict(layer._window_state(module), strict=False)
         layer.qkv = KRLinear.from_linear(module.qkv, init_noise=init_noise, **layer_options)
         layer.proj = KRLinear.from_linear(module.proj, init_noise=init_noise, **layer_options)
+        if variant == "v2":
+            for i in (0, 2):
+                layer.cpb_mlp[i] = KRLinear.from_linear(
+                    module.cpb_mlp[i], init_noise=init_noise, **layer_options
+                )
         weight = module.qkv.weight
         return layer.to(device=weight.device, dtype=weight.dtype).train(module.training)
 
@@ -217,13 +231,20 @@ class KRShiftedWindowAttention(nn.Module):
         static.load_state_dict(self._window_state(self), strict=False)
         self.qkv.store_static(static.qkv)
         self.proj.store_static(static.proj)
+        if self.variant == "v2":
+            for i in (0, 2):
+                self.cpb_mlp[i].store_static(static.cpb_mlp[i])
         return static
 
-    def relative_position_bias(self, window: list[int]) -> Tensor:
-        """(1, h, N, N) for windows of size ``window``, as torchvision computes it."""
+    def relative_position_bias(self, window: list[int], batch: int = 1) -> Tensor:
+        """(1, h, N, N) for windows of size ``window``, as torchvision computes it; v2: one per
+        image, (B, h, N, N), from its KR position-bias MLP."""
         if self.variant == "v2":
-            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-            bias = _relative_position_bias_2d(table, self.relative_position_index, window)
+            coords = self.relative_coords_table.expand(batch, *self.relative_coords_table.shape[1:])
+            table = self.cpb_mlp(coords).view(batch, -1, self.num_heads)  # (B, L, h)
+            tokens = math.prod(window)
+            index = self.relative_position_index.view(-1)
+            bias = table[:, index].view(batch, tokens, tokens, self.num_heads).permute(0, 3, 1, 2)
             return 16 * torch.sigmoid(bias)
         if self.variant == "3d":
             return _relative_position_bias_3d(
@@ -291,7 +312,8 @@ class KRShiftedWindowAttention(nn.Module):
             attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
         else:
             attn = (q * head_dim**-0.5) @ k.transpose(-2, -1)
-        attn = attn + self.relative_position_bias(window)
+        position_bias = self.relative_position_bias(window, batch)  # (1 or B, h, N, N)
+        attn = attn + position_bias.unsqueeze(1)
         if any(shift):
             attn = attn + _shift_mask(padded, window, shift, attn).unsqueeze(1)
         attn = F.dropout(F.softmax(attn, dim=-1), self.attention_dropout, self.training)
