@@ -141,3 +141,14 @@ def test_two_views_model_converts_trains_and_keeps_samples_apart():
         other[2] = torch.randn(3, 8, 8)
         changed = model(first, other)[0]
     torch.testing.assert_close(out[:2], changed[:2])
+
+
+def test_to_static_drops_the_stem_hook_and_computes_the_original():
+    original = TwoViews().eval()
+    args = (torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8))
+    model = kr_convert(original, example_input=args).eval()
+    static = model.to_static().eval()
+    assert type(static.encoder) is nn.Conv2d and not static.stem._forward_pre_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(static(*args)[0], original(*args)[0])
+        torch.testing.assert_close(model(*args)[0], original(*args)[0], rtol=1e-4, atol=1e-5)
