@@ -46,6 +46,10 @@ class StemHook:
             images = args[0]
             d0 = rows_to_samples(self.stem(images), images.shape[0] // self.rows, self.layout)
             self.chain.start(d0)
+        elif self.chain.recomputing:
+            # A non-reentrant checkpoint recomputes the block holding the first layer: the stem
+            # ran inside it, so it runs again (its result was recorded by the layers that read it).
+            self.stem(args[0])
 
 
 class KRModel(nn.Module):
@@ -147,8 +151,8 @@ class KRModel(nn.Module):
         with self.chain.run() as run:
             out = self.backbone(*args, **kwargs)
             if self.head is None:
-                return out
-            d_last = run.read("joint head", main_logits(out).shape[0])
+                return run.settle(out)
+            d_last = run.read("joint head", main_logits(out).shape[0], training=self.training)
         return self.head(out, d_last)
 
     def to_static(self) -> nn.Module:

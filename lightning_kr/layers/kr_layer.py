@@ -83,7 +83,9 @@ class KRLayer(nn.Module):
                 "attached to no chain. Use it inside the model returned by kr_convert, call "
                 "layer.attach(chain, name), or call layer.forward_with_repr(x, d)."
             )
-        return chain.read(self.kr_name or type(self).__name__, batch_size, self.batch_layout)
+        return chain.read(
+            self.kr_name or type(self).__name__, batch_size, self.batch_layout, self.training
+        )
 
     def write_repr(self, d: Tensor | None) -> None:
         if d is not None and self.chain is not None:

@@ -15,23 +15,29 @@ Activation checkpointing (``torch.utils.checkpoint(..., use_reentrant=False)``) 
 during backward, after the forward pass has closed its run. The chain records the ``d`` (detached)
 each layer read in the latest run; a layer re-run during backward reads that record and writes
 nothing, so the recomputed block sees the values of the original pass and the chain's state is left
-alone. The reentrant variant (``use_reentrant=True``) runs the block under ``no_grad``, which would
-cut the gradient of ``d`` through the block: it is refused with an error that names the fix.
+alone. The reentrant variant (``use_reentrant=True``) runs the block under ``no_grad`` and
+back-propagates only through the block's arguments and outputs: the chain opens a
+:class:`~lightning_kr.layers.reentrant_checkpoint.CheckpointRegion` for it, which carries the
+gradients of the ``d`` entering and leaving the block (see that module).
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor
 
-_REENTRANT_FORWARD = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+from lightning_kr.layers.reentrant_checkpoint import (
+    CheckpointRegion,
+    anchor_output,
+    reentrant_checkpoint_ctx,
+)
+
+T = TypeVar("T")
 
 
 class _Pending:
@@ -52,16 +58,6 @@ frames) or ``k`` consecutive rows per sample (``"interleaved"``: MViT's heads, w
 def _in_backward() -> bool:
     """Whether this thread is executing a backward pass (where checkpointed blocks recompute)."""
     return torch._C._current_graph_task_id() != -1
-
-
-def _in_reentrant_checkpoint() -> bool:
-    """Whether the call stack passes through the reentrant checkpoint's forward."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code is _REENTRANT_FORWARD:
-            return True
-        frame = frame.f_back
-    return False
 
 
 def rows_to_samples(d: Tensor, samples: int, layout: BatchLayout) -> Tensor:
@@ -90,17 +86,24 @@ class ReprChain:
         ``d0``, one whose ``d_0`` is set by :meth:`start` (from the images the model's first layer
         sees)."""
         previous = getattr(self._local, "d", None)
+        previous_region = getattr(self._local, "region", None)
         if previous is None:
             self._recorded = {}
         self._local.d = PENDING if d0 is None else d0
+        self._local.region = None
         try:
             yield self
         finally:
             self._local.d = previous
+            self._local.region = previous_region
 
     def start(self, d0: Tensor) -> None:
         """Set ``d_0`` (B, D) of a run opened without one (later calls in the run are ignored)."""
         if getattr(self._local, "d", None) is PENDING:
+            if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                ctx = reentrant_checkpoint_ctx()
+                if ctx is not None:  # the checkpointed block holds the model's first layer
+                    self._local.region = CheckpointRegion(ctx, None, self._replay)
             self._local.d = d0
 
     @property
@@ -109,10 +112,22 @@ class ReprChain:
         return getattr(self._local, "d", None) is PENDING
 
     @property
+    def recomputing(self) -> bool:
+        """No run is open on this thread and a backward pass is: a non-reentrant checkpoint is
+        recomputing a block (the layers read the ``d`` recorded in the latest run)."""
+        return getattr(self._local, "d", None) is None and _in_backward()
+
+    @property
     def active(self) -> bool:
         return getattr(self._local, "d", None) is not None
 
-    def read(self, layer_name: str, batch_size: int, layout: BatchLayout = "batch") -> Tensor:
+    def read(
+        self,
+        layer_name: str,
+        batch_size: int,
+        layout: BatchLayout = "batch",
+        training: bool = True,
+    ) -> Tensor:
         """The current ``d`` (B, D) for the layer called ``layer_name`` that sees ``batch_size``.
 
         A layer whose input holds ``k·B`` rows (``layout`` ``"stacked"`` or ``"interleaved"``, see
@@ -133,6 +148,7 @@ class ReprChain:
                 "representation d. Call the KRModel returned by kr_convert (not its .backbone), or "
                 "call layer.forward_with_repr(x, d) with an explicit d of shape (B, repr_dim)."
             )
+        d = self._through_checkpoints(d, training)
         if layout != "batch" and d.shape[0] != batch_size and batch_size % d.shape[0] == 0:
             copies = batch_size // d.shape[0]
             d = d.repeat(copies, 1) if layout == "stacked" else d.repeat_interleave(copies, 0)
@@ -143,16 +159,53 @@ class ReprChain:
                 "the first dimension of their input; exclude this layer from kr_convert "
                 "(exclude=[...]) if the model reshapes the batch before it."
             )
-        if d.requires_grad and not torch.is_grad_enabled() and _in_reentrant_checkpoint():
-            raise RuntimeError(
-                f"KR layer '{layer_name}' runs inside torch.utils.checkpoint(..., "
-                "use_reentrant=True), which runs the block without autograd and would cut the "
-                "gradient of the kernel representation d through it. Pass use_reentrant=False: "
-                "KR layers recompute exactly under the non-reentrant checkpoint."
-            )
         _, calls = self._recorded.get(layer_name, (None, 0))
         self._recorded[layer_name] = (d.detach(), calls + 1)
         return d
+
+    def _through_checkpoints(self, d: Tensor, training: bool) -> Tensor:
+        """``d`` as a reader here must see it, given reentrant checkpoints (see module doc).
+
+        Under ``no_grad`` the call stack is searched for a reentrant checkpoint (a few µs) only
+        where one can matter: a training-mode layer, a ``d`` with history, or inside a region."""
+        if torch.compiler.is_compiling():  # a traced graph holds no reentrant checkpoint
+            return d
+        region: CheckpointRegion | None = getattr(self._local, "region", None)
+        if torch.is_grad_enabled():
+            if region is not None:  # the first reader after a checkpointed block
+                d = self._local.d = region.stand_in(d)
+                self._local.region = None
+            return d
+        if not (training or d.requires_grad or region is not None):
+            return d  # eval-mode inference
+        ctx = reentrant_checkpoint_ctx()
+        if ctx is None or (region is not None and region.ctx is ctx):
+            return d
+        # A block that starts here; right after another checkpointed block (``region``), its d_in
+        # is that block's output.
+        self._local.region = CheckpointRegion(ctx, d, self._replay, upstream=region)
+        return d
+
+    def settle(self, output: T) -> T:
+        """The model's ``output``, tied to the ``d`` left by a checkpointed block that nothing read
+        (a model without a joint head whose last KR layers ran under a reentrant checkpoint)."""
+        region: CheckpointRegion | None = getattr(self._local, "region", None)
+        if region is None or not torch.is_grad_enabled():
+            return output
+        self._local.region = None
+        return anchor_output(output, region.stand_in(self._local.d))
+
+    @contextmanager
+    def _replay(self, start: Tensor | None) -> Iterator[threading.local]:
+        """Run a reentrant checkpoint's recomputation with ``start`` as the current ``d`` (None:
+        the block computes ``d_0``); the yielded state's ``d`` is the ``d`` left at its end."""
+        saved = getattr(self._local, "d", None), getattr(self._local, "region", None)
+        self._local.d = PENDING if start is None else start
+        self._local.region = None
+        try:
+            yield self._local
+        finally:
+            self._local.d, self._local.region = saved
 
     def _recorded_for(self, layer_name: str, batch_size: int) -> Tensor:
         """The ``d`` a layer read in the latest run, for its recomputation during backward."""
@@ -179,6 +232,8 @@ class ReprChain:
         if current is None or current is PENDING:
             return
         self._local.d = rows_to_samples(d, current.shape[0], layout)
+        if torch.is_grad_enabled():
+            self._local.region = None
 
     def __getstate__(self) -> dict:
         return {}
