@@ -21,10 +21,6 @@ RUNTIME_OPTIONS = ("strategy", "init_noise", "include", "exclude")
 initialises the candidates, and the targets (which layers were converted is checked by name
 instead). Every other option must match."""
 
-OPTIONS_ADDED_LATER: dict[str, Any] = {"head_readout": False}
-"""Options newer than some checkpoints, with the behaviour such a checkpoint was saved with (a
-checkpoint without ``head_readout`` read ``d`` at scale 1)."""
-
 
 @dataclass(frozen=True)
 class KRConfig:
@@ -48,10 +44,6 @@ class KRConfig:
         attention_norm: LayerNorm on the attention branch's hidden vector (ODConv's BatchNorm, made
             per sample so batch size 1 trains) and a ``1/√hidden`` read-out of the attention logits
             (default). False: the unnormalised branch. See :class:`~lightning_kr.KernelGenerator`.
-        head_readout: the joint head's KR branch reads the unit-scale ``d`` at ``1/√repr_dim``
-            (default), so its logits move per SGD step at the rate of an ordinary scale parameter
-            instead of ``repr_dim`` times faster (a fast KR branch fits the training batches'
-            ``d`` and is thrown off by the shift of ``d`` in eval mode). False: ``Linear(d)``.
         init_noise: relative size of the zero-mean perturbation that makes the candidates differ.
         strategy: how KR convolutions apply per-sample kernels (``"auto"``: by counted cost and
             shape; every strategy is exact).
@@ -68,7 +60,6 @@ class KRConfig:
     fft_size: int = 4
     preserve_function: bool = True
     attention_norm: bool = True
-    head_readout: bool = True
     init_noise: float = 0.1
     strategy: str = "auto"
     include: str | tuple[str, ...] | None = None

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_kr.config import OPTIONS_ADDED_LATER, RUNTIME_OPTIONS, KRConfig
+from lightning_kr.config import RUNTIME_OPTIONS, KRConfig
 from lightning_kr.layers.fft_stem import FFTStem
 from lightning_kr.layers.joint_head import JointHead
 from lightning_kr.layers.kr_layer import KRLayer
@@ -118,10 +118,7 @@ class KRModel(nn.Module):
             )
             if num_classes is not None:
                 self.head = JointHead(
-                    config.repr_dim,
-                    num_classes,
-                    zero_init=config.preserve_function,
-                    readout=config.repr_dim**-0.5 if config.head_readout else 1.0,
+                    config.repr_dim, num_classes, zero_init=config.preserve_function
                 )
             entry = backbone.get_submodule(stem_on)
             entry.register_forward_pre_hook(StemHook(self.stem, self.chain, stem_rows, stem_layout))
@@ -187,11 +184,10 @@ class KRModel(nn.Module):
         if not isinstance(state, dict) or "config" not in state:
             return
         mine = self.get_extra_state()
-        saved = {**OPTIONS_ADDED_LATER, **state["config"]}
         differing = {
-            key: (saved.get(key), value)
+            key: (state["config"].get(key), value)
             for key, value in mine["config"].items()
-            if key not in RUNTIME_OPTIONS and saved.get(key) != value
+            if key not in RUNTIME_OPTIONS and state["config"].get(key) != value
         }
         if differing:
             details = ", ".join(

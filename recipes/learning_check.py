@@ -9,8 +9,7 @@ weight decay 1e-4, one-cycle to lr 0.05), test top-1 on the other 597 — here p
 batches drawn from a generator seeded per run, so every model of a seed sees the same batches.
 
 Rows: ``static``; ``static_perturbed`` (every parameter × (1 + 1e-6) after initialisation: how
-chaotic a single eval-mode draw is); ``kr`` (``kr_convert`` defaults); ``kr_plain_head`` (the
-defaults but ``head_readout=False``: the joint head's KR branch reads ``d`` at scale 1). Columns: eval-mode top-1,
+chaotic a single eval-mode draw is); ``kr`` (``kr_convert`` defaults). Columns: eval-mode top-1,
 top-1 with batch statistics (train-mode BatchNorm), and for KR two paired diagnostics on the same
 trained model: eval mode with the attentions (and ``d``) of a batch-statistics pass over the same
 images, and eval mode with neutral attentions and no KR head.
@@ -34,7 +33,7 @@ from torch import nn
 from lightning_kr import kr_convert
 from lightning_kr.layers.kernel_generator import Attentions, KernelGenerator
 
-MODELS = ("static", "static_perturbed", "kr", "kr_plain_head")
+MODELS = ("static", "static_perturbed", "kr")
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +48,6 @@ def build(name: str) -> nn.Module:
     model = torchvision.models.resnet18(num_classes=10)
     if name == "kr":
         return kr_convert(model, input_size=32)
-    if name == "kr_plain_head":  # the joint head's KR branch reading d at scale 1 (before 2026-11-29)
-        return kr_convert(model, input_size=32, head_readout=False)
     if name == "static_perturbed":
         with torch.no_grad():
             for p in model.parameters():

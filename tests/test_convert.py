@@ -207,16 +207,6 @@ def test_state_dict_round_trip_and_option_mismatch():
         small_resnet(kernel_num=4, exclude=["downsample.0"]).load_state_dict(state)
 
 
-def test_checkpoint_older_than_an_option_loads_with_its_old_behaviour():
-    """A state dict saved before ``head_readout`` existed read ``d`` at scale 1: it loads into a
-    model converted with ``head_readout=False`` and is refused, by name, by the new default."""
-    state = small_resnet(head_readout=False).state_dict()
-    del state["_extra_state"]["config"]["head_readout"]
-    small_resnet(head_readout=False).load_state_dict(state)
-    with pytest.raises(RuntimeError, match="head_readout: checkpoint=False, this model=True"):
-        small_resnet().load_state_dict(state)
-
-
 def test_runtime_only_options_do_not_block_loading():
     """``strategy`` and ``init_noise`` change neither the architecture nor the trained function."""
     state = small_resnet(kernel_num=4).state_dict()

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 
 class JointHead(nn.Module):
-    """``logits = classifier(pooled features) + Linear(d_last · s)``, both trained by one loss.
+    """``logits = classifier(pooled features) + Linear(d_last)``, both trained by one loss.
 
     The model's own classifier (left static by :func:`~lightning_kr.kr_convert`) is the feature branch;
     this module adds the KR branch, a linear head on the last kernel representation. Models that
@@ -20,26 +20,19 @@ class JointHead(nn.Module):
         num_classes: number of logits of the model's classifier.
         zero_init: start the KR branch at zero (the converted model then computes the original
             function).
-        readout: the scale ``s`` at which the KR branch reads ``d`` (default 1; ``kr_convert``
-            passes ``1/√D``, see :class:`~lightning_kr.KRConfig`'s ``head_readout``).
 
     Shapes: feature logits (B, K) and d (B, D) → (B, K).
     """
 
-    def __init__(
-        self, repr_dim: int, num_classes: int, zero_init: bool = False, readout: float = 1.0
-    ) -> None:
+    def __init__(self, repr_dim: int, num_classes: int, zero_init: bool = False) -> None:
         super().__init__()
         self.kr_head = nn.Linear(repr_dim, num_classes)
-        self.readout = readout
         if zero_init:
             nn.init.zeros_(self.kr_head.weight)
             nn.init.zeros_(self.kr_head.bias)
 
     def forward(self, feature_logits: Any, d: Tensor) -> Any:
         if isinstance(feature_logits, Tensor):
-            if self.readout != 1.0:
-                d = d * self.readout
             return feature_logits + self.kr_head(d).to(feature_logits.dtype)
         if isinstance(feature_logits, tuple) and feature_logits:
             main = self.forward(feature_logits[0], d)
