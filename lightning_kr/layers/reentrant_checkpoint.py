@@ -22,7 +22,8 @@ block, would both be lost. A :class:`CheckpointRegion` carries them:
    checkpoint, so run after it) receives the leaf's gradient through a pre-hook.
 
 Every step checks that this order held and raises an error that names ``use_reentrant=False``
-otherwise, so a gradient is either exact or refused, never silently short.
+otherwise, so a gradient is either exact or refused, never silently short. Tested against the
+unwrapped model in ``tests/test_checkpointing.py``.
 """
 
 from __future__ import annotations
