@@ -9,6 +9,7 @@ dimension), non-zero padding modes, and the way to and from the static layer.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import ClassVar
 
@@ -40,7 +41,7 @@ def _as_tuple(value: int | tuple[int, ...], dims: int) -> tuple[int, ...]:
     return (value,) * dims if isinstance(value, int) else tuple(value)
 
 
-class KRConvNd(KRLayer):
+class KRConvNd(KRLayer, abc.ABC):
     """Base of :class:`KRConv1d`, :class:`KRConv2d` and :class:`KRConv3d` (see those)."""
 
     static_type: ClassVar[type[nn.Module]]
@@ -182,10 +183,10 @@ class KRConvNd(KRLayer):
             padding = (0,) * len(padding)
         return self.convolve(x, att, padding), att.repr_out
 
+    @abc.abstractmethod
     def convolve(self, x: Tensor, att: Attentions, padding: tuple[int, ...]) -> Tensor:
         """``y`` for the (mode-padded) input ``x`` with the attentions ``att`` and zero padding
-        ``(before_0, after_0, …)``."""
-        raise NotImplementedError
+        ``(before_0, after_0, …)``; each of KRConv1d / 2d / 3d implements it."""
 
     def extra_repr(self) -> str:
         return (
