@@ -54,17 +54,34 @@ def small_vit() -> nn.Module:
     )  # fmt: skip
 
 
+def small_video_cnn() -> nn.Module:
+    """Conv3d layers (KRConv3d): stride in space only, a depthwise layer, a (1, 3, 3) kernel."""
+    return nn.Sequential(
+        nn.Conv3d(3, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv3d(8, 8, 3, stride=(1, 2, 2), padding=1, groups=8),
+        nn.Conv3d(8, 12, (1, 3, 3), padding=(0, 1, 1)),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(12, 10),
+    )
+
+
 def trained_looking_with_statistics(model: nn.Module) -> nn.Module:
     return trained_looking(model, 0.3, batchnorm_statistics=True)
 
 
-def assert_onnx_matches_eager(model: nn.Module, path, size: int = 16) -> None:
-    to_onnx(model, path, torch.randn(2, 3, size, size))
+def assert_onnx_matches_eager(
+    model: nn.Module, path, size: int = 16, frames: int | None = None
+) -> None:
+    """One exported file at batch 1, 3 and 8 against eager; ``frames``: a video model."""
+    sample = (3, size, size) if frames is None else (3, frames, size, size)
+    to_onnx(model, path, torch.randn(2, *sample))
     assert onnx_batch_is_free(path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     model.eval()
     for batch in BATCHES:
-        x = torch.randn(batch, 3, size, size)
+        x = torch.randn(batch, *sample)
         with torch.no_grad():
             expected = model(x)
         got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
@@ -89,6 +106,18 @@ def test_depthwise_network_exports_with_a_free_batch(tmp_path, kernel_num):
         kr_convert(depthwise_net(), input_size=16, kernel_num=kernel_num)
     )
     assert_onnx_matches_eager(model, tmp_path / "depthwise.onnx")
+
+
+@pytest.mark.parametrize("kernel_num", [1, 4])
+def test_small_video_network_exports_with_a_free_batch(tmp_path, kernel_num):
+    """KRConv3d's grouped convolution would bake the batch into ``groups``: under export it runs
+    tap by tap (``dynamic_conv3d``'s ``"taps"``)."""
+    model = trained_looking_with_statistics(
+        kr_convert(
+            small_video_cnn(), example_input=torch.randn(2, 3, 4, 8, 8), kernel_num=kernel_num
+        )
+    )
+    assert_onnx_matches_eager(model, tmp_path / "video.onnx", size=8, frames=4)
 
 
 @pytest.mark.parametrize("kernel_num", [1, 4])

@@ -12,26 +12,28 @@ with the spatial attention ``a_s`` spanning the ``kt × kh × kw`` taps (time an
 * ``"grouped"``: the per-sample kernels ``K_b = sum_n a_kn[b, n] · a_s[b] ⊙ W_n`` mixed with one
   matrix product ``(B, n) @ (n, |W|)`` and run as one ``groups = B·g`` convolution; channel
   attention on the input, filter attention on the output.
+* ``"taps"``: no batch in any shape argument: the per-sample kernels ``K_b`` applied tap by tap,
+  ``y_b = sum_taps K_b[tap] @ shifted(x_b)`` as batched matrix products (``kt·kh·kw`` of them).
 * ``"reference"``: the textbook method: the full per-sample kernel ``W_b`` (all four attentions
   folded in) through one ``groups = B·g`` convolution.
 
-``"auto"`` is ``"shared"`` where it applies, else ``"grouped"``. Under ``torch.export`` the grouped
-form is kept: it bakes the batch size into ``groups``, so an exported 3-D layer runs at the batch
-it was exported with (there is no batch-independent 3-D form, unlike the 2-D ``"taps"`` /
-``"unfold"``; ONNX export of video models is not a goal).
+``"auto"`` is ``"shared"`` where it applies, else ``"grouped"``. Under ``torch.export`` (ONNX) every
+per-sample strategy becomes ``"taps"``: a grouped convolution bakes the batch size into
+``groups``, the tap products compute the same function for any batch.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_kr.layers.dynamic_conv import fold_channel_filter, mix_candidates
 
-Strategy3d = Literal["auto", "shared", "grouped", "reference"]
-STRATEGIES_3D = ("shared", "grouped", "reference")
+Strategy3d = Literal["auto", "shared", "grouped", "taps", "reference"]
+STRATEGIES_3D = ("shared", "grouped", "taps", "reference")
 
 
 def dynamic_conv3d(
@@ -69,6 +71,8 @@ def dynamic_conv3d(
     """
     if strategy == "auto":
         strategy = "shared" if kernel_att is None and spatial_att is None else "grouped"
+    if strategy != "shared" and torch.compiler.is_exporting():
+        strategy = "taps"
     if strategy not in STRATEGIES_3D:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {('auto', *STRATEGIES_3D)}")
     if strategy == "shared" and (kernel_att is not None or spatial_att is not None):
@@ -85,6 +89,9 @@ def dynamic_conv3d(
         x = x * channel_att.to(x.dtype)[:, :, None, None, None]
     if strategy == "shared":
         y = F.conv3d(x, weight[0], None, stride, conv_padding, dilation, groups)
+    elif strategy == "taps":
+        kernels = mix_candidates(weight, kernel_att, spatial_att, batch)
+        y = _taps_conv3d(x, kernels, stride, conv_padding, dilation, groups)
     else:
         kernels = mix_candidates(weight, kernel_att, spatial_att, batch)
         y = _grouped_conv3d(x, kernels, None, stride, conv_padding, dilation, groups)
@@ -135,3 +142,43 @@ def _grouped_conv3d(
         groups * batch,
     )
     return y.view(batch, c_out, *y.shape[2:])
+
+
+def _taps_conv3d(
+    x: Tensor,
+    kernels: Tensor,
+    stride: tuple[int, int, int],
+    padding: tuple[int, int, int],
+    dilation: tuple[int, int, int],
+    groups: int,
+) -> Tensor:
+    """Each sample convolved with its own kernel, one batched matrix product per tap.
+
+    Args:
+        x: (B, C_in, T, H, W); kernels: (B, C_out, C_in / g, kt, kh, kw).
+
+    Returns:
+        (B, C_out, T', H', W').
+    """
+    x = F.pad(x, (padding[2], padding[2], padding[1], padding[1], padding[0], padding[0]))
+    batch = x.shape[0]
+    _b, c_out, c_in_g, *k = kernels.shape
+    out = [
+        (size - d * (kk - 1) - 1) // s + 1
+        for size, kk, s, d in zip(x.shape[2:], k, stride, dilation, strict=True)
+    ]
+    grouped = kernels.reshape(batch, groups, c_out // groups, c_in_g, *k)
+    y = x.new_zeros(batch, groups, c_out // groups, out[0] * out[1] * out[2])
+    for i in range(k[0]):
+        for j in range(k[1]):
+            for m in range(k[2]):
+                start = (i * dilation[0], j * dilation[1], m * dilation[2])
+                shifted = x[
+                    :,
+                    :,
+                    start[0] : start[0] + stride[0] * (out[0] - 1) + 1 : stride[0],
+                    start[1] : start[1] + stride[1] * (out[1] - 1) + 1 : stride[1],
+                    start[2] : start[2] + stride[2] * (out[2] - 1) + 1 : stride[2],
+                ].reshape(batch, groups, c_in_g, -1)
+                y = y + torch.matmul(grouped[..., i, j, m], shifted)
+    return y.view(batch, c_out, *out)
