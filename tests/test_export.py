@@ -120,6 +120,32 @@ def test_small_video_network_exports_with_a_free_batch(tmp_path, kernel_num):
     assert_onnx_matches_eager(model, tmp_path / "video.onnx", size=8, frames=4)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_small_swin_exports_with_a_free_batch(tmp_path, version):
+    """KR shifted-window attention (v2: its position-bias MLP is KR too)."""
+    swin = torchvision.models.swin_transformer
+    blocks = {} if version == 1 else {
+        "block": swin.SwinTransformerBlockV2, "downsample_layer": swin.PatchMergingV2,
+    }  # fmt: skip
+    model = swin.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4],
+        num_classes=10, **blocks,
+    )  # fmt: skip
+    model = trained_looking_with_statistics(kr_convert(model, input_size=32))
+    assert_onnx_matches_eager(model, tmp_path / "swin.onnx", size=32)
+
+
+def test_model_without_head_exports_with_a_free_batch(tmp_path):
+    """A dense-prediction network (no class logits, so no joint head): the output is a map."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 1),
+    )  # fmt: skip
+    model = trained_looking_with_statistics(kr_convert(net, input_size=16, kernel_num=4))
+    assert model.head is None
+    assert_onnx_matches_eager(model, tmp_path / "dense.onnx")
+
+
 @pytest.mark.parametrize("kernel_num", [1, 4])
 def test_small_vit_exports_with_a_free_batch(tmp_path, kernel_num):
     model = trained_looking_with_statistics(
