@@ -186,7 +186,7 @@ def test_bad_input_shape_names_the_expected_shape(kr_cls, good, bad, expected):
 
 def test_constructor_errors():
     with pytest.raises(ValueError, match="strategy must be"):
-        KRConv3d(4, 4, 3, strategy="taps")
+        KRConv3d(4, 4, 3, strategy="unfold")
     with pytest.raises(ValueError, match="'same' is not supported for strided"):
         KRConv1d(4, 4, 3, stride=2, padding="same")
     with pytest.raises(ValueError, match="'shared' needs n = 1"):
