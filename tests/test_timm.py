@@ -96,3 +96,34 @@ def test_timm_macs_recipe_prints_and_writes_figures(tmp_path, capsys):
     written = json.loads(out.read_text())
     assert written["timm"] == timm.__version__ and written["image_size"] == 32
     assert "ResNet-18" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_timm_gradient_checkpointing_gives_the_same_gradients(use_reentrant, monkeypatch):
+    """timm's own switch, ``model.set_grad_checkpointing()`` (``checkpoint_seq`` over the stages), on
+    a converted model: the loss and every gradient as without it, with either checkpoint variant."""
+    import copy
+
+    from timm.layers import config as timm_config
+
+    from tests.reference import trained_looking
+
+    monkeypatch.setattr(timm_config, "_USE_REENTRANT_CKPT", use_reentrant)
+    model = trained_looking(kr_convert(create("resnet18"), input_size=SIZE))
+    x, y = torch.randn(2, 3, SIZE, SIZE), torch.tensor([1, 2])
+
+    def loss_and_grads(m: nn.Module):
+        m.zero_grad(set_to_none=True)
+        images = x.clone().requires_grad_()  # a reentrant checkpoint needs an input with grad
+        loss = F.cross_entropy(m(images), y)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads(model)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.backbone.set_grad_checkpointing(True)
+    loss_cp, grads_cp = loss_and_grads(checkpointed)
+    torch.testing.assert_close(loss_cp, loss)
+    assert grads_cp.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_cp[name], grad, msg=lambda m, n=name: f"{n}: {m}")
