@@ -5,12 +5,14 @@ Each works with any ``LightningModule`` that contains a model converted by ``kr_
 single-device and multi-process DDP training alike.
 """
 
+from .attention_monitor import AttentionMonitor
 from .flops_overhead import FlopsOverhead
 from .kernel_embeddings import KernelEmbeddings
 from .mac_count import MacCount, MacOverhead, count_macs, count_overhead
 from .temperature_annealing import TemperatureAnnealing
 
 __all__ = [
+    "AttentionMonitor",
     "FlopsOverhead",
     "KernelEmbeddings",
     "MacCount",

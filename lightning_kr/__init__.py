@@ -3,6 +3,7 @@
 from lightning_kr.classifier import KRClassifier
 from lightning_kr.config import KRConfig
 from lightning_kr.convert import kr_convert
+from lightning_kr.diagnostics import AttentionStatistics, attention_statistics
 from lightning_kr.kr_model import KRModel
 from lightning_kr.layers import (
     FFTStem,
@@ -21,6 +22,7 @@ from lightning_kr.report import ConversionReport
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionStatistics",
     "ConversionReport",
     "FFTStem",
     "JointHead",
@@ -35,5 +37,6 @@ __all__ = [
     "KRShiftedWindowAttention",
     "KernelGenerator",
     "ReprChain",
+    "attention_statistics",
     "kr_convert",
 ]

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from lightning_kr.layers.dynamic_conv import STRATEGIES
-from lightning_kr.layers.kernel_generator import ATTENTION_KINDS
+from lightning_kr.layers.kernel_generator import ATTENTION_KINDS, NORMS
 
 Mode = Literal["kr", "odconv", "dyconv"]
 MODES: dict[str, str] = {
@@ -20,6 +20,14 @@ RUNTIME_OPTIONS = ("strategy", "init_noise", "include", "exclude")
 """Options a checkpoint may differ in: how per-sample kernels are applied, the noise that
 initialises the candidates, and the targets (which layers were converted is checked by name
 instead). Every other option must match."""
+
+
+def named_attention_norm(value: str | bool) -> str:
+    """``attention_norm`` as a name; records from before the norms had names say ``True`` (the
+    LayerNorm) or ``False`` (none)."""
+    if isinstance(value, bool):
+        return "layer" if value else "none"
+    return value
 
 
 @dataclass(frozen=True)
@@ -41,9 +49,12 @@ class KRConfig:
             head, so the converted model computes the original function at initialisation (up to
             float rounding) and trains from scratch at least as fast as it. False: ODConv's
             initialisation (random attention heads, sigmoid gates in (0, 1), random KR head).
-        attention_norm: LayerNorm on the attention branch's hidden vector (ODConv's BatchNorm, made
-            per sample so batch size 1 trains) and a ``1/√hidden`` read-out of the attention logits
-            (default). False: the unnormalised branch. See :class:`~lightning_kr.KernelGenerator`.
+        attention_norm: the norm of the attention branch's hidden vector: ``"batch"`` (default:
+            ODConv's BatchNorm, across the samples of a batch, with a variance floor ``eps = 1``;
+            a batch of one uses the running statistics; logits read out at 1), ``"layer"``
+            (per-sample LayerNorm, logits read out at ``1/√hidden``: the earlier default, which
+            left trained layers static) or ``"none"``. Records of older checkpoints say ``True``
+            (= ``"layer"``) or ``False`` (= ``"none"``). See :class:`~lightning_kr.KernelGenerator`.
         init_noise: relative size of the zero-mean perturbation that makes the candidates differ.
         strategy: how KR convolutions apply per-sample kernels (``"auto"``: by counted cost and
             shape; every strategy is exact).
@@ -59,7 +70,7 @@ class KRConfig:
     attentions: tuple[str, ...] | None = None
     fft_size: int = 4
     preserve_function: bool = True
-    attention_norm: bool = True
+    attention_norm: str = "batch"
     init_noise: float = 0.1
     strategy: str = "auto"
     include: str | tuple[str, ...] | None = None
@@ -70,6 +81,9 @@ class KRConfig:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "attention_norm", named_attention_norm(self.attention_norm))
+        if self.attention_norm not in NORMS:
+            raise ValueError(f"attention_norm must be one of {NORMS}; got {self.attention_norm!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}; got {self.mode!r}")
         if self.kernel_num < 1:
@@ -119,7 +133,7 @@ class KRConfig:
             "attentions": self.resolved_attentions,
             "gate_scale": 2.0 if neutral else 1.0,
             "zero_init": neutral,
-            "normalize": self.attention_norm,
+            "norm": self.attention_norm,
         }
 
     def as_record(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_kr.config import RUNTIME_OPTIONS, KRConfig
+from lightning_kr.config import RUNTIME_OPTIONS, KRConfig, named_attention_norm
 from lightning_kr.layers.fft_stem import FFTStem
 from lightning_kr.layers.joint_head import JointHead
 from lightning_kr.layers.kr_layer import KRLayer
@@ -184,10 +184,13 @@ class KRModel(nn.Module):
         if not isinstance(state, dict) or "config" not in state:
             return
         mine = self.get_extra_state()
+        theirs = dict(state["config"])
+        if "attention_norm" in theirs:
+            theirs["attention_norm"] = named_attention_norm(theirs["attention_norm"])
         differing = {
-            key: (state["config"].get(key), value)
+            key: (theirs.get(key), value)
             for key, value in mine["config"].items()
-            if key not in RUNTIME_OPTIONS and state["config"].get(key) != value
+            if key not in RUNTIME_OPTIONS and theirs.get(key) != value
         }
         if differing:
             details = ", ".join(

@@ -36,6 +36,8 @@ temperature 30 → 1 over the first half of the steps (the poster's recipe, done
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import json
 import statistics
 import sys
@@ -54,9 +56,10 @@ from rich.table import Table
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-from lightning_kr import KRModel, kr_convert
+from lightning_kr import KRConfig, KRModel, kr_convert
 from lightning_kr.callbacks.kernel_embeddings import cluster_scores
 from lightning_kr.data.digits import digit_images
+from lightning_kr.diagnostics import AttentionStatistics, kernel_generators
 from lightning_kr.layers import ATTENTION_KINDS, Attentions
 from lightning_kr.models import build_model
 
@@ -82,8 +85,21 @@ class Config:
     anneal: bool = False
 
 
-def parse_config(name: str) -> Config:
-    """``static``, ``kr_1x``, ``odconv_4x``, ``kr_4x+anneal``... → :class:`Config`."""
+def parse_option(item: str) -> tuple[str, Any]:
+    """``"attention_norm=layer"`` → ``("attention_norm", "layer")``; numbers and booleans parsed."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected OPTION=VALUE, got {item!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = {"true": True, "false": False}.get(text.lower(), text)
+    return key, value
+
+
+def parse_config(name: str, options: dict[str, Any] | None = None) -> Config:
+    """``static``, ``kr_1x``, ``odconv_4x``, ``kr_4x+anneal``... → :class:`Config`; ``options``:
+    further ``kr_convert`` options of the converted configurations."""
     base, anneal = (
         (name[: -len(ANNEAL_SUFFIX)], True) if name.endswith(ANNEAL_SUFFIX) else (name, False)
     )
@@ -97,7 +113,7 @@ def parse_config(name: str) -> Config:
             f"unknown configuration {name!r}: use 'static' or '<mode>_<n>x' with mode in {MODES} "
             f"(e.g. kr_1x, odconv_4x), optionally followed by '{ANNEAL_SUFFIX}'"
         )
-    return Config(name, {"mode": mode, "kernel_num": int(kernels[:-1])}, anneal)
+    return Config(name, {**(options or {}), "mode": mode, "kernel_num": int(kernels[:-1])}, anneal)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -202,17 +218,22 @@ def evaluate(
 
         hook = generator.register_forward_hook(keep)
     correct, loss = 0, 0.0
+    spreads = AttentionStatistics()
+    watching = spreads.watch(model) if kernel_generators(model) else contextlib.nullcontext()
     try:
-        for start in range(0, len(y), batch_size):
-            logits = model(x[start : start + batch_size])
-            logits = logits[0] if isinstance(logits, tuple) else logits
-            target = y[start : start + batch_size]
-            loss += F.cross_entropy(logits, target, reduction="sum").item()
-            correct += (logits.argmax(1) == target).sum().item()
+        with watching:
+            for start in range(0, len(y), batch_size):
+                logits = model(x[start : start + batch_size])
+                logits = logits[0] if isinstance(logits, tuple) else logits
+                target = y[start : start + batch_size]
+                loss += F.cross_entropy(logits, target, reduction="sum").item()
+                correct += (logits.argmax(1) == target).sum().item()
     finally:
         if hook is not None:
             hook.remove()
     result: dict[str, Any] = {"top1": 100.0 * correct / len(y), "loss": loss / len(y)}
+    if spreads.sums:
+        result["spread"] = spreads.median_spread()
     if captured:
         kernels = torch.cat(captured).numpy()
         if kernels.std(axis=0).max() > 0:
@@ -305,7 +326,7 @@ def summarise(name: str, runs: list[Run]) -> dict[str, Any]:
         "curve_loss": np.mean([r.losses for r in runs], axis=0).tolist(),
         "curve_top1": np.mean([[e["top1"] for e in r.epochs] for r in runs], axis=0).tolist(),
     }
-    for key in ("silhouette", "knn_purity"):
+    for key in ("spread", "silhouette", "knn_purity"):
         values = [f[key] for f in final if key in f]
         if values:
             summary[key] = mean_sd(values)
@@ -320,7 +341,7 @@ def render(summaries: list[dict[str, Any]], title: str) -> Table:
     static = next((s for s in summaries if s["config"] == "static"), None)
     table = Table(title=title)
     for column in ("config", "top-1 % (mean ± sd)", "vs static", "seeds", "train loss first → last ¼",
-                   "kernel silhouette", "kernel k-NN purity", "ms / step"):  # fmt: skip
+                   "attention spread", "kernel silhouette", "kernel k-NN purity", "ms / step"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("config", "seeds") else "right")
     for s in summaries:
         top1, sd = s["top1"]
@@ -330,7 +351,8 @@ def render(summaries: list[dict[str, Any]], title: str) -> Table:
         table.add_row(
             s["config"], f"{top1:.1f} ± {sd:.1f}", delta,
             " ".join(f"{v:.1f}" for v in s["top1_per_seed"]), f"{first:.2f} → {last:.2f}",
-            _score(s, "silhouette"), _score(s, "knn_purity"), f"{s['step_ms']:.0f}",
+            _score(s, "spread"), _score(s, "silhouette"), _score(s, "knn_purity"),
+            f"{s['step_ms']:.0f}",
         )  # fmt: skip
     return table
 
@@ -385,9 +407,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=None, help="first N classes of --data-root")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--no-descriptors", action="store_true", help="skip kernel cluster scores")
+    parser.add_argument(
+        "--kr",
+        nargs="+",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="KRConfig options for every converted configuration, e.g. attention_norm=layer "
+        "(the earlier default) or kernel_num=2",
+    )
     parser.add_argument("--out", default=None, help="output folder (default runs/compare/<time>)")
     args = parser.parse_args(argv)
-    args.parsed = [parse_config(name) for name in args.configs]
+    try:
+        options = dict(parse_option(item) for item in args.kr)
+        KRConfig.with_overrides(None, **options)
+    except (TypeError, ValueError) as error:
+        parser.error(f"--kr: {error}")
+    args.parsed = [parse_config(name, options) for name in args.configs]
     if args.seeds < 1 or args.epochs < 1:
         parser.error("--seeds and --epochs must be at least 1")
     return args
@@ -441,6 +476,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] | None = None
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seeds": args.seeds,
+        "kr_options": dict(parse_option(item) for item in args.kr),
         "torch": torch.__version__,
         "results": summaries,
     }

@@ -27,7 +27,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models import resnet18
 
 from lightning_kr import kr_convert
-from lightning_kr.callbacks import FlopsOverhead, KernelEmbeddings, TemperatureAnnealing
+from lightning_kr.callbacks import (
+    AttentionMonitor,
+    FlopsOverhead,
+    KernelEmbeddings,
+    TemperatureAnnealing,
+)
 
 NUM_CLASSES, SIZE, BATCH = 4, 32, 4
 N_TRAIN, N_VAL = 16, 13  # 13 is odd: DistributedSampler pads rank 1 with a copy of sample 0
@@ -86,6 +91,7 @@ def fit(root: Path, strategy: str) -> tuple[ConvertedResNet, pl.Trainer]:
             FlopsOverhead(top_n=5),
             KernelEmbeddings(depths=[0, -1], layers=["layer4.1.conv2"], max_samples=100),
             TemperatureAnnealing(start=30.0, end=1.0, epochs=1),
+            AttentionMonitor(max_batches=2, stats=("spread", "samples")),
         ],
         log_every_n_steps=1,
         num_sanity_val_steps=0,
@@ -148,6 +154,8 @@ def check_callback_outputs(root: Path, model: ConvertedResNet) -> None:
     assert temperature == pytest.approx({0: 30.0, 1: 15.5, 2: 1.0, 3: 1.0})
     assert float(model.net.temperature) == 1.0
 
+    check_attention_monitor(metrics)
+
     # KernelEmbeddings: every validation epoch, files and scalars.
     for name in (
         "kernel_silhouette",
@@ -162,6 +170,15 @@ def check_callback_outputs(root: Path, model: ConvertedResNet) -> None:
     for epoch in (0, 1):
         assert (out / f"epoch_{epoch:03d}.npz").is_file()
         assert (out / f"tsne_epoch_{epoch:03d}.png").stat().st_size > 10_000
+
+
+def check_attention_monitor(metrics: dict[str, list[tuple[int, float]]]) -> None:
+    """Every validation epoch; the sums of both processes: 2 batches of 4 and 3 images each."""
+    assert len(metrics["attention/median_spread"]) == 2
+    samples = metrics["attention/layer1.0.conv1/channel/samples"]
+    assert [value for _, value in samples] == [14.0, 14.0]
+    spreads = [v for key, rows in metrics.items() if key.endswith("/spread") for _, v in rows]
+    assert spreads and all(v >= 0 for v in spreads)
 
 
 def check_each_sample_once(root: Path, model: ConvertedResNet) -> None:

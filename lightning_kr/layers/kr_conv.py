@@ -67,7 +67,7 @@ class KRConvNd(KRLayer, abc.ABC):
         attentions: tuple[str, ...] = ATTENTION_KINDS,
         gate_scale: float = 2.0,
         zero_init: bool = True,
-        normalize: bool = True,
+        norm: str = "batch",
         strategy: str = "auto",
     ) -> None:
         super().__init__()
@@ -116,7 +116,7 @@ class KRConvNd(KRLayer, abc.ABC):
             depthwise=depthwise,
             gate_scale=gate_scale,
             zero_init=zero_init,
-            normalize=normalize,
+            norm=norm,
         )
         self.reset_parameters()
 

@@ -19,7 +19,7 @@ class KRConv1d(KRConvNd):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode:
             as in :class:`torch.nn.Conv1d` (``padding='same'`` included).
-        kernel_num, repr_dim, reduction, min_hidden, attentions, gate_scale, zero_init, normalize,
+        kernel_num, repr_dim, reduction, min_hidden, attentions, gate_scale, zero_init, norm,
             strategy: as in :class:`~lightning_kr.layers.KRConv2d`.
 
     Shapes:

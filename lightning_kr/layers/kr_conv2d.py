@@ -22,7 +22,7 @@ class KRConv2d(KRConvNd):
         repr_dim: size ``D`` of the kernel representation; 0 = no representation (ODConv / DyConv).
         reduction, min_hidden: attention hidden width ``max(C_in · reduction, min_hidden)``.
         attentions: subset of ``("channel", "filter", "spatial", "kernel")``.
-        gate_scale, zero_init, normalize: see :class:`KernelGenerator` (the defaults start
+        gate_scale, zero_init, norm: see :class:`KernelGenerator` (the defaults start
             with neutral attentions: the layer computes the static convolution at initialisation).
         strategy: how per-sample kernels are applied (``"auto"`` picks by shape; all are exact).
 

@@ -18,7 +18,7 @@ class KRConv3d(KRConvNd):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode:
             as in :class:`torch.nn.Conv3d` (``padding='same'`` included).
-        kernel_num, repr_dim, reduction, min_hidden, attentions, gate_scale, zero_init, normalize:
+        kernel_num, repr_dim, reduction, min_hidden, attentions, gate_scale, zero_init, norm:
             as in :class:`~lightning_kr.layers.KRConv2d`.
         strategy: one of ``"auto"``, ``"shared"``, ``"grouped"``, ``"reference"`` (see
             :mod:`~lightning_kr.layers.dynamic_conv3d`; all are exact).

@@ -20,7 +20,7 @@ class KRLinear(KRLayer):
     Args:
         in_features, out_features, bias: as in :class:`torch.nn.Linear`.
         kernel_num, repr_dim, reduction, min_hidden, attentions, gate_scale, zero_init,
-            normalize: see
+            norm: see
             :class:`~lightning_kr.layers.KRConv2d`.
 
     Shapes:
@@ -47,7 +47,7 @@ class KRLinear(KRLayer):
         attentions: tuple[str, ...] = ATTENTION_KINDS,
         gate_scale: float = 2.0,
         zero_init: bool = True,
-        normalize: bool = True,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         if kernel_num < 1:
@@ -68,7 +68,7 @@ class KRLinear(KRLayer):
             attentions=attentions,
             gate_scale=gate_scale,
             zero_init=zero_init,
-            normalize=normalize,
+            norm=norm,
         )
         self.reset_parameters()
 
