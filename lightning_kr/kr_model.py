@@ -156,7 +156,9 @@ class KRModel(nn.Module):
         return self.head(out, d_last)
 
     def to_static(self) -> nn.Module:
-        """The architecture before conversion: a copy of the backbone with static layers again."""
+        """The architecture before conversion: a copy of the backbone with static layers again
+        (each KR layer replaced by its static layer, the mean candidate; no stem, no joint head).
+        :meth:`unload` is the same call under PEFT's name."""
         static = copy.deepcopy(self.backbone)
         for module in static.modules():
             for key, hook in list(module._forward_pre_hooks.items()):
@@ -169,6 +171,11 @@ class KRModel(nn.Module):
                 static.set_submodule(name, module.to_static())
                 replaced.append(name)
         return static
+
+    def unload(self) -> nn.Module:
+        """PEFT's name for :meth:`to_static`: the plain base model back (a copy; this model is left
+        as it is)."""
+        return self.to_static()
 
     # A checkpoint records the conversion options; loading into a model converted with other
     # architecture options fails with an error that names them (runtime-only options may differ:

@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.models import mobilenet_v2, resnet18, squeezenet1_1, vit_b_16
 
 from lightning_kr import KRModel, kr_convert
-from lightning_kr.layers import KRConv1d, KRConv2d, KRLinear, KRMultiheadAttention
+from lightning_kr.layers import KRConv1d, KRConv2d, KRLayer, KRLinear, KRMultiheadAttention
 
 
 def small_resnet(**kwargs):
@@ -237,6 +237,23 @@ def test_to_static_is_the_original_architecture():
     back = kr_convert(static, input_size=32, preserve_function=True).to_static()
     assert type(back.layer1[0].conv1) is nn.Conv2d
     assert set(back.state_dict()) == set(static.state_dict())
+
+
+def test_unload_is_to_static_under_peft_name():
+    """``unload()`` (PEFT's name) returns the plain model: same keys and weights as ``to_static()``,
+    and at conversion time the original's outputs."""
+    static = resnet18(num_classes=10).eval()
+    model = kr_convert(copy.deepcopy(static), input_size=32)
+    plain, back = model.unload().eval(), model.to_static().eval()
+    assert type(plain.layer4[1].conv2) is nn.Conv2d and not any(
+        isinstance(m, KRLayer) for m in plain.modules()
+    )
+    for key, value in back.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[key], value)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), static(x), rtol=1e-4, atol=1e-4)
+    assert isinstance(model.backbone.layer4[1].conv2, KRLayer)  # the KR model is left as it is
 
 
 def test_autocast_bfloat16_channels_last():
