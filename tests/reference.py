@@ -11,6 +11,19 @@ from torch import Tensor, nn
 from lightning_kr.layers.kernel_generator import Attentions
 
 
+def tiny_cnn() -> nn.Sequential:
+    """Two 3×3 convolutions (the first stays static when converted), pooling and two linear layers
+    (the last is the classifier): a KR model of two KR layers, ``1`` and ``4``, for callback tests."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 8),
+        nn.Linear(8, 2),
+    )
+
+
 def trained_looking(
     model: nn.Module, scale: float = 0.2, *, batchnorm_statistics: bool = False
 ) -> nn.Module:

@@ -13,22 +13,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kr import kr_convert
 from lightning_kr.callbacks import AttentionMonitor
-
-
-def tiny_cnn() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 8),
-        nn.Linear(8, 2),
-    )
+from tests.reference import tiny_cnn
 
 
 class Module(pl.LightningModule):

@@ -11,25 +11,14 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kr import kr_convert
 from lightning_kr.callbacks import TemperatureAnnealing
 from lightning_kr.layers import KRConv2d
+from tests.reference import tiny_cnn
 
 BATCHES = 4  # training batches per epoch
-
-
-def tiny_cnn() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 8),
-        nn.Linear(8, 2),
-    )
 
 
 class Module(pl.LightningModule):
