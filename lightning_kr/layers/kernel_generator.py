@@ -252,11 +252,11 @@ class KernelGenerator(nn.Module):
         # forward is bound by the number of small operators); the heads stay separate parameters.
         heads = list(self.heads.values())
         if heads:
-            weight = (
-                torch.cat([head.weight for head in heads]) if len(heads) > 1 else heads[0].weight
-            )
-            bias = torch.cat([head.bias for head in heads]) if len(heads) > 1 else heads[0].bias
-            logits = F.linear(fused, weight, bias) * (self.readout / self.temperature)
+            logits = F.linear(
+                fused,
+                torch.cat([head.weight for head in heads]) if len(heads) > 1 else heads[0].weight,
+                torch.cat([head.bias for head in heads]) if len(heads) > 1 else heads[0].bias,
+            ) * (self.readout / self.temperature)
         else:  # e.g. DyConv at n = 1: no attention at all, the layer is its static convolution
             logits = fused.new_zeros(fused.shape[0], 0)
         kinds = list(self.heads.keys())
