@@ -2,7 +2,8 @@
 
 Checks that ``lightning_kr`` is imported from the installed package (not a source tree), that every
 subpackage and the ``py.typed`` marker shipped, that the README's first Python example runs as
-written, that ``lightning_kr.callbacks`` imports, and that ``kr_convert(resnet18())`` trains one step.
+written, that ``lightning_kr.callbacks`` imports, that ``kr_convert(resnet18())`` trains one step,
+and that a ``save_pretrained`` folder loads back exactly.
 
     python .ci/wheel_smoke.py README.md        # run from a folder outside the checkout
 """
@@ -49,3 +50,18 @@ loss.backward()
 optimizer.step()
 assert torch.isfinite(loss), loss
 print(f"kr_convert(resnet18()) trained one step: loss {loss.item():.3f}")
+
+# save_pretrained -> from_pretrained from the installed package (without the [hub] extra the
+# local-folder path of KRModel is the one users get).
+import tempfile  # noqa: E402
+
+from lightning_kr import KRModel  # noqa: E402
+from lightning_kr.models import build_model  # noqa: E402
+
+saved = kr_convert(build_model("resnet18", num_classes=10), input_size=32).eval()
+with tempfile.TemporaryDirectory() as folder:
+    saved.save_pretrained(folder)
+    loaded = KRModel.from_pretrained(folder)
+    with torch.no_grad():
+        assert torch.equal(saved(images), loaded(images))
+print(f"save_pretrained -> from_pretrained: exact ({type(loaded).__mro__[2].__name__})")

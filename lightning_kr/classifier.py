@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_kr.config import KRConfig
 from lightning_kr.convert import kr_convert
 from lightning_kr.kr_model import KRModel
-from lightning_kr.models import build_model
+from lightning_kr.models import build_model, insert_head_dropout
 from lightning_kr.outputs import main_logits
 
 Optimizer = Literal["sgd", "adamw"]
@@ -54,21 +54,6 @@ def lr_factor(
     if schedule == "step":
         return gamma ** sum(step >= milestone for milestone in milestone_steps)
     return 1.0
-
-
-def insert_head_dropout(model: nn.Module, p: float) -> nn.Module:
-    """Put ``nn.Dropout(p)`` in front of the model's last ``nn.Linear`` (its classifier), in place.
-
-    ODConv's recipe trains ResNets with dropout before the final fully connected layer; torchvision's
-    ResNets have none. Returns ``model``.
-    """
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise ValueError("head_dropout needs a model whose classifier is an nn.Linear; found none")
-    parent_name, _, child = linears[-1].rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, nn.Sequential(nn.Dropout(p), getattr(parent, child)))
-    return model
 
 
 class KRClassifier(LightningModule):
@@ -164,9 +149,13 @@ class KRClassifier(LightningModule):
             network = model
         else:
             network = build_model(
-                model, num_classes or 1000, image_size=image_size, **(model_kwargs or {})
+                model,
+                num_classes or 1000,
+                image_size=image_size,
+                head_dropout=head_dropout,
+                **(model_kwargs or {}),
             )
-        if head_dropout > 0:
+        if head_dropout > 0 and isinstance(model, nn.Module):
             insert_head_dropout(network, head_dropout)
         if config is None:
             self.model: nn.Module = network

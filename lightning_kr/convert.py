@@ -30,10 +30,12 @@ from lightning_kr.conversion.create import (
     create,
 )
 from lightning_kr.conversion.decide import Targets, decide
+from lightning_kr.conversion.plan import ConversionPlan
 from lightning_kr.conversion.probe import Probe, probe
 from lightning_kr.conversion.targets import matches
 from lightning_kr.kr_model import KRModel
 from lightning_kr.layers.kr_layer import KRLayer
+from lightning_kr.models import BUILDER_ATTRIBUTE
 from lightning_kr.report import ConversionReport, LayerDecision, count_parameters
 
 CANDIDATE_TYPES = (*FACTORIES, *STATIC_TYPES, *ENTRY_TYPES)
@@ -88,9 +90,20 @@ def kr_convert(
         raise ValueError("this model is already a KRModel; convert the original architecture")
     if not inplace:
         model = copy.deepcopy(model)
-    params_before = count_parameters(model)
     args = example_arguments(model, example_input, input_size, in_channels)
+    plan, report = plan_conversion(model, config, args, filter_fn)
+    return apply_plan(model, config, plan, report)
 
+
+def plan_conversion(
+    model: nn.Module,
+    config: KRConfig,
+    args: tuple,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+) -> tuple[ConversionPlan, ConversionReport]:
+    """Steps 1 and 2: probe ``model`` with the positional arguments ``args`` and decide what to
+    replace. Returns the plan and a report that lists the skipped modules and why (the replaced
+    ones are added by :func:`apply_plan`). ``model`` is left as it is."""
     # 1. probe
     names = {m: n for n, m in model.named_modules() if n}
     watched = {m: n for m, n in names.items() if isinstance(m, CANDIDATE_TYPES)}
@@ -100,8 +113,8 @@ def kr_convert(
 
     # 2. decide
     targets = Targets(config.include, config.exclude, filter_fn)
-    decisions: list[LayerDecision] = []
-    to_replace: list[tuple[str, nn.Module]] = []
+    skipped: list[LayerDecision] = []
+    to_replace: list[str] = []
     handled: list[str] = []  # composites: their children are decided with them
     for name, module in model.named_modules():
         if not name or not isinstance(module, CANDIDATE_TYPES):
@@ -119,26 +132,72 @@ def kr_convert(
             handled.append(name)
         if verdict.reason is not None:
             n_params = count_parameters(module)
-            decisions.append(
+            skipped.append(
                 LayerDecision(
                     name, type(module).__name__, "skipped", verdict.reason, n_params, n_params
                 )
             )
         else:
-            to_replace.append((name, module))
+            to_replace.append(name)
     if not to_replace:
         raise ValueError(
             "kr_convert matched no layer to convert (include="
             f"{config.include!r}, exclude={config.exclude!r}, filter_fn="
             f"{'set' if filter_fn else None}). Candidates were: "
-            + ", ".join(d.name for d in decisions)[:500]
+            + ", ".join(d.name for d in skipped)[:500]
         )
 
+    def converted(name: str) -> bool:
+        return any(name == r or name.startswith(f"{r}.") for r in to_replace)
+
+    stem_on, stem_shape, stem_rows, stem_layout = stem_input(seen)
+    plan = ConversionPlan(
+        replace=tuple(to_replace),
+        layouts={
+            n: c.layout
+            for n, c in seen.calls.items()
+            if c.layout not in (None, "batch") and converted(n)
+        },
+        num_classes=seen.num_classes,
+        stem_on=stem_on,
+        stem_input_shape=stem_shape,
+        stem_rows=stem_rows,
+        stem_layout=stem_layout,
+        unread_repr_from=_last_single_run(seen, to_replace)
+        if config.uses_repr and seen.num_classes is None
+        else None,
+    )
+    report = ConversionReport(
+        decisions=skipped,
+        first_layer=seen.entry,
+        classifier=classifier,
+        probe_mode=seen.mode,
+        probe_fallback_reason=seen.fallback_reason,
+        output=seen.output_type,
+    )
+    return plan, report
+
+
+def apply_plan(
+    model: nn.Module,
+    config: KRConfig,
+    plan: ConversionPlan,
+    report: ConversionReport | None = None,
+) -> KRModel:
+    """Steps 3 and 4: replace the modules of ``plan.replace`` in ``model`` (in place) by their KR
+    layers and wrap it in a :class:`KRModel`, as the plan says. ``report`` (its skipped modules
+    and probe facts) is completed with the replaced modules and the parameter counts."""
+    report = report if report is not None else ConversionReport()
+    report.decisions = [d for d in report.decisions if d.action != "replaced"]
+    report.notes = []
+    report.params_before = count_parameters(model)
+
     # 3. create and 4. replace
-    for name, module in to_replace:
+    for name in plan.replace:
+        module = model.get_submodule(name)
         new = create(module, config)
         model.set_submodule(name, new)
-        decisions.append(
+        report.decisions.append(
             LayerDecision(
                 name,
                 type(module).__name__,
@@ -149,32 +208,33 @@ def kr_convert(
             )
         )
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    decisions.sort(key=lambda d: order.get(d.name, len(order)))
-    report = ConversionReport(
-        decisions=decisions,
-        params_before=params_before,
-        first_layer=seen.entry,
-        classifier=classifier,
-        probe_mode=seen.mode,
-        probe_fallback_reason=seen.fallback_reason,
-        output=seen.output_type,
-    )
-    stem_on, stem_shape, stem_rows, stem_layout = stem_input(seen)
+    report.decisions.sort(key=lambda d: order.get(d.name, len(order)))
     kr_model = KRModel(
         model,
         config,
         report,
-        num_classes=seen.num_classes,
-        stem_input_shape=stem_shape,
-        stem_on=stem_on,
-        stem_rows=stem_rows,
-        stem_layout=stem_layout,
+        num_classes=plan.num_classes,
+        stem_input_shape=plan.stem_input_shape,
+        stem_on=plan.stem_on,
+        stem_rows=plan.stem_rows,
+        stem_layout=plan.stem_layout,
     )
+    kr_model.plan = plan
+    kr_model.builder = getattr(model, BUILDER_ATTRIBUTE, None)
     for name, layer in kr_model.kr_layers():
-        calls = seen.calls.get(name)
-        layer.attach(kr_model.chain, name, batch_layout=(calls and calls.layout) or "batch")
+        layer.attach(kr_model.chain, name, batch_layout=plan.layouts.get(name, "batch"))
     if config.uses_repr and kr_model.head is None:
-        report.notes.append(_drop_unread_representation(kr_model, seen))
+        note = f"no joint head: the model returns {report.output}, not class logits"
+        if plan.unread_repr_from is not None:
+            module = model.get_submodule(plan.unread_repr_from)
+            writer = [m for m in module.modules() if isinstance(m, KRLayer)][-1]
+            writer.generator.drop_repr_output()
+            note = (
+                f"no joint head: the model returns {report.output}, not class logits; "
+                f"'{plan.unread_repr_from}' (the last KR layer to run) generates no d_(i+1), "
+                "which nothing would read"
+            )
+        report.notes.append(note)
     reference = next(model.parameters(), None)
     if reference is not None:
         kr_model.to(dtype=reference.dtype)
@@ -228,21 +288,14 @@ def stem_input(seen: Probe) -> tuple[str, tuple[int, ...], int, str]:
     return seen.entry or "", (entry_shape or seen.model_input_shape)[1:], 1, "batch"
 
 
-def _drop_unread_representation(kr_model: KRModel, seen: Probe) -> str:
-    """Without a joint head nothing reads the ``d`` written by the last KR layer to run: it stops
-    generating one (its KRG would receive no gradient). Returns the report's note."""
-    layers = dict(kr_model.kr_layers())
-    runs = [n for n in seen.call_order if n in layers or any(k.startswith(f"{n}.") for k in layers)]
-    if not runs:
-        return "no joint head: the model does not return class logits"
-    last = runs[-1]
-    module = kr_model.backbone.get_submodule(last)
-    writers = [m for m in module.modules() if isinstance(m, KRLayer)]
-    writer = writers[-1]
-    if seen.call_order.count(last) == 1:
-        writer.generator.drop_repr_output()
-        return (
-            f"no joint head: the model returns {seen.output_type}, not class logits; '{last}' "
-            "(the last KR layer to run) generates no d_(i+1), which nothing would read"
-        )
-    return f"no joint head: the model returns {seen.output_type}, not class logits"
+def _last_single_run(seen: Probe, replaced: list[str]) -> str | None:
+    """The module holding KR layers that runs last, if it runs once: without a joint head nothing
+    reads the ``d`` its last KR layer writes (that layer's KRG would receive no gradient)."""
+    runs = [
+        n
+        for n in seen.call_order
+        if n in replaced or any(r.startswith(f"{n}.") or n.startswith(f"{r}.") for r in replaced)
+    ]
+    if not runs or seen.call_order.count(runs[-1]) != 1:
+        return None
+    return runs[-1]

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from lightning_kr.config import RUNTIME_OPTIONS, KRConfig, named_attention_norm
+from lightning_kr.conversion.plan import ConversionPlan
+from lightning_kr.hub import PretrainedMixin
 from lightning_kr.layers.fft_stem import FFTStem
 from lightning_kr.layers.joint_head import JointHead
 from lightning_kr.layers.kr_layer import KRLayer
@@ -52,7 +54,7 @@ class StemHook:
             self.stem(args[0])
 
 
-class KRModel(nn.Module):
+class KRModel(nn.Module, PretrainedMixin):
     """A model converted by :func:`~lightning_kr.kr_convert`.
 
     ``forward(*args)`` runs the backbone with the original model's arguments. When the backbone's
@@ -64,6 +66,11 @@ class KRModel(nn.Module):
     joint head and return the backbone's output. In the ODConv / DyConv ablations there is no ``d``:
     no stem, no head.
 
+    Save and share it as PEFT does: :meth:`save_pretrained` writes ``kr_config.json`` and
+    ``model.safetensors`` into a folder, :meth:`from_pretrained` builds it again from that folder
+    (or, with the ``[hub]`` extra, a Hugging Face Hub id; :meth:`push_to_hub` uploads it), and
+    :meth:`unload` returns the plain base model.
+
     Attributes:
         backbone: the original model with its layers replaced in place.
         stem: :class:`FFTStem` or ``None``.
@@ -71,6 +78,8 @@ class KRModel(nn.Module):
         config: the :class:`KRConfig` it was converted with.
         report: the :class:`ConversionReport` of the conversion.
         num_classes: ``K`` of a classifier, else ``None``.
+        plan: the :class:`~lightning_kr.conversion.plan.ConversionPlan` it was built from.
+        builder: how :func:`~lightning_kr.models.build_model` built the base model, if it did.
 
     Shapes: whatever the backbone takes → whatever it returns, with the KR branch added to its
     logits (B, K) when it returns logits.
@@ -106,6 +115,8 @@ class KRModel(nn.Module):
         self.in_channels = stem_input_shape[0]
         self.report = report
         self.stem_on = stem_on
+        self.plan: ConversionPlan | None = None
+        self.builder: dict[str, Any] | None = None
         self.chain = ReprChain()
         self.stem: FFTStem | None = None
         self.head: JointHead | None = None

@@ -64,6 +64,13 @@ class ConversionReport:
             "decisions": [asdict(d) for d in self.decisions],
         }
 
+    @classmethod
+    def from_dict(cls, record: dict) -> ConversionReport:
+        """The report :meth:`as_dict` wrote."""
+        record = dict(record)
+        decisions = [LayerDecision(**d) for d in record.pop("decisions", [])]
+        return cls(decisions=decisions, **record)
+
     def __rich__(self) -> Table:
         table = Table(
             title=(

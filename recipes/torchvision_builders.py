@@ -25,7 +25,9 @@ from typing import Any
 import torch
 import torchvision
 from torch import Tensor, nn
-from torchvision.models import get_model, list_models
+from torchvision.models import list_models
+
+from lightning_kr.models import build_model
 
 FAMILIES = {
     "classification": torchvision.models,
@@ -50,14 +52,8 @@ def family_of(name: str) -> str:
 
 
 def build(name: str) -> nn.Module:
-    """A freshly initialised model (nothing downloaded)."""
-    family = family_of(name)
-    kwargs: dict[str, Any] = {"weights": None}
-    if family in ("segmentation", "detection"):
-        kwargs["weights_backbone"] = None
-    if family == "quantization":
-        kwargs["quantize"] = False
-    return get_model(name, **kwargs)
+    """A freshly initialised model (nothing downloaded; quantizable models in float)."""
+    return build_model(name)
 
 
 def standard_size(name: str) -> tuple[int, ...]:

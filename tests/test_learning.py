@@ -8,8 +8,6 @@ twin (README, "Learning"); the figures themselves come from ``recipes/compare.py
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -153,23 +151,39 @@ def training_losses(
     return losses
 
 
+SEEDS = (0, 1, 2)  # one 60-step run cannot rank two models: seed 0 alone swings kr 1x by ±0.15
+
+
+def late_loss(losses: list[float]) -> float:
+    return sum(losses[-10:]) / 10
+
+
 @pytest.fixture(scope="module")
-def static_losses(digits) -> list[float]:
-    torch.manual_seed(0)
-    return training_losses(small_cnn(), digits)
+def static_losses(digits) -> list[list[float]]:
+    runs = []
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        runs.append(training_losses(small_cnn(), digits))
+    return runs
 
 
 @pytest.mark.parametrize(("mode", "kernel_num"), MODES)
 def test_converted_network_learns_as_fast_as_its_static_twin(
     digits, static_losses, mode, kernel_num
 ):
-    """From scratch, library defaults, plain loop: the training loss falls at least about as fast."""
-    torch.manual_seed(0)
-    static = small_cnn()
-    model = kr_convert(copy.deepcopy(static), mode=mode, kernel_num=kernel_num, input_size=16)
-    losses = training_losses(model, digits)
-    late, static_late = sum(losses[-10:]) / 10, sum(static_losses[-10:]) / 10
-    assert late < 0.5 * losses[0], "the converted network learned"
+    """From scratch, library defaults, plain loop, over three seeds: the training loss falls at
+    least about as fast."""
+    runs = []
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        static = small_cnn()
+        model = kr_convert(static, mode=mode, kernel_num=kernel_num, input_size=16)
+        runs.append(training_losses(model, digits))
+    for losses in runs:
+        assert late_loss(losses) < 0.5 * losses[0], "the converted network learned"
+    late = sum(map(late_loss, runs)) / len(runs)
+    static_late = sum(map(late_loss, static_losses)) / len(static_losses)
     assert late <= static_late * 1.15 + 0.05, (
-        f"{mode} {kernel_num}x: mean loss of the last 10 steps {late:.3f} vs static {static_late:.3f}"
+        f"{mode} {kernel_num}x: mean loss of the last 10 steps over seeds {SEEDS}: {late:.3f} "
+        f"vs static {static_late:.3f}"
     )
