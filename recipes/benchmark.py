@@ -152,15 +152,17 @@ MEMORY_RUNS = 3
 MEMORY_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
-def peak_train_memory(arch: str, config: str, size: int, batch: int, device: torch.device) -> int:
-    """Peak memory (bytes) of one training step: median of :data:`MEMORY_RUNS` processes of its own."""
+def peak_train_memory(
+    arch: str, config: str, size: int, batch: int, device: torch.device, runs: int = MEMORY_RUNS
+) -> int:
+    """Peak memory (bytes) of one training step: median of ``runs`` processes of its own (CPU)."""
     command = [
         sys.executable, __file__, "--memory-child", config, "--arch", arch, "--size", str(size),
         "--memory-batch", str(batch), "--device", device.type,
     ]  # fmt: skip
     env = {**os.environ, **MEMORY_CHILD_ENV}
     peaks = []
-    for _ in range(MEMORY_RUNS if device.type == "cpu" else 1):
+    for _ in range(runs if device.type == "cpu" else 1):
         result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         if result.returncode != 0:
             raise RuntimeError(f"memory measurement of {config} failed:\n{result.stderr[-2000:]}")
@@ -278,7 +280,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, dict[st
     if not args.no_memory:
         for config in args.configs:
             results[config]["memory_bytes"] = peak_train_memory(
-                args.arch, config, size, args.memory_batch, device
+                args.arch, config, size, args.memory_batch, device, args.memory_runs
             )
     return results
 
@@ -385,6 +387,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also time every configuration under torch.compile (rows '<config>+compile')",
     )
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument(
+        "--memory-runs", type=int, default=MEMORY_RUNS, help="CPU: processes per memory figure"
+    )
     parser.add_argument("--no-macs", action="store_true")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)

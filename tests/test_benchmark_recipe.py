@@ -15,7 +15,7 @@ def test_benchmark_prints_and_writes_every_figure(tmp_path, capsys):
     report = main(
         [
             "--image-size", "32", "--batch", "2", "--train-batch", "2", "--memory-batch", "2",
-            "--repeats", "1", "--warmup", "0", "--device", "cpu",
+            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--memory-runs", "1",
             "--configs", "kr_1x", "reference_4x", "--json", str(out),
         ]
     )  # fmt: skip
