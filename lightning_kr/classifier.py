@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_kr.config import KRConfig
 from lightning_kr.convert import kr_convert
 from lightning_kr.kr_model import KRModel
-from lightning_kr.models import build_model, insert_head_dropout
+from lightning_kr.models import BUILDER_ATTRIBUTE, build_model, builder_record, insert_head_dropout
 from lightning_kr.outputs import main_logits
 
 Optimizer = Literal["sgd", "adamw"]
@@ -157,6 +157,7 @@ class KRClassifier(LightningModule):
             )
         if head_dropout > 0 and isinstance(model, nn.Module):
             insert_head_dropout(network, head_dropout)
+            _record_head_dropout(network, head_dropout)
         if config is None:
             self.model: nn.Module = network
             outputs = _count_logits(network, self.example_input_array)
@@ -287,6 +288,18 @@ class KRClassifier(LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"},
         }
+
+
+def _record_head_dropout(model: nn.Module, p: float) -> None:
+    """Keep the builder record of ``model`` true after a dropout was put in front of its classifier:
+    ``build_model(..., head_dropout=p)`` builds the same (a second dropout: nothing does)."""
+    record = builder_record(model)
+    if record is None:
+        return
+    if "head_dropout" in record["kwargs"]:
+        delattr(model, BUILDER_ATTRIBUTE)
+    else:
+        record["kwargs"]["head_dropout"] = p
 
 
 def _hard(targets: Tensor) -> Tensor:

@@ -189,6 +189,15 @@ def test_a_timm_model_is_rebuilt_from_its_record(tmp_path):
     assert_same(outputs(model, images), outputs(loaded, images))
 
 
+def test_head_dropout_added_by_the_classifier_is_recorded():
+    network = build_model("resnet18", num_classes=4)
+    KRClassifier(network, image_size=32, head_dropout=0.2, kr=None)
+    assert builder_record(network)["kwargs"] == {"num_classes": 4, "head_dropout": 0.2}
+    twice = build_model("resnet18", num_classes=4, head_dropout=0.1)
+    KRClassifier(twice, image_size=32, head_dropout=0.2, kr=None)
+    assert builder_record(twice) is None  # two dropouts: no build_model call makes that
+
+
 def test_builder_record_only_for_plain_arguments():
     assert builder_record(build_model("mobilenet_v2_050", num_classes=3, dropout=0.1)) == {
         "name": "mobilenet_v2_050",
