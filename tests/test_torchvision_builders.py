@@ -34,7 +34,14 @@ ONE_PER_FAMILY = [
     "fcn_resnet50", "lraspp_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn",
     "ssdlite320_mobilenet_v3_large", "r3d_18", "swin3d_t", "raft_small", "quantized_resnet18",
 ]  # fmt: skip
-CLASSIC_AT_224 = ["vgg16", "squeezenet1_1", "resnet50", "swin_t"]
+CLASSIC_AT_224 = [
+    # VGG-16's step at 224² costs 30 s on 2 cores; -m slow runs it (with every builder), and
+    # vgg11_bn stands for the family above.
+    pytest.param("vgg16", marks=pytest.mark.slow),
+    "squeezenet1_1",
+    "resnet50",
+    "swin_t",
+]
 
 
 def assert_trains_and_converts(name: str, size: tuple[int, ...]) -> None:
