@@ -22,6 +22,7 @@ from lightning_kr import KRModel
 from lightning_kr.conversion.targets import matches
 from lightning_kr.kr_model import find_kr_models
 from lightning_kr.layers import ATTENTION_KINDS, Attentions
+from lightning_kr.utilities.embeddings import cluster_scores, knn_purity, plot_embeddings, tsne_2d
 
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
@@ -38,36 +39,6 @@ def default_labels(batch: Any) -> Tensor:
         f"KernelEmbeddings found no labels in a batch of type {type(batch).__name__}; pass "
         "KernelEmbeddings(label_fn=lambda batch: batch[...]) returning the class ids (B,)"
     )
-
-
-def _standardise(x: np.ndarray) -> np.ndarray:
-    std = x.std(axis=0)
-    return (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
-
-
-def knn_purity(x: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
-    """Mean fraction of each sample's ``k`` nearest neighbours (itself excluded) sharing its label."""
-    from sklearn.neighbors import NearestNeighbors
-
-    k = min(k, len(x) - 1)
-    neighbours = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x, return_distance=False)
-    # The first neighbour is the sample itself, except for exact duplicates: drop self wherever it is.
-    others = np.array([[j for j in row if j != i][:k] for i, row in enumerate(neighbours)])
-    return float((labels[others] == labels[:, None]).mean())
-
-
-def cluster_scores(x: np.ndarray, labels: np.ndarray, k: int = 5) -> dict[str, float]:
-    """Silhouette score and k-NN label purity of standardised ``x`` with the classes as clusters."""
-    from sklearn.metrics import silhouette_score
-
-    classes = len(np.unique(labels))
-    if len(x) < 3 or not 2 <= classes <= len(x) - 1:
-        return {}
-    z = _standardise(x.astype(np.float64))
-    return {
-        "silhouette": float(silhouette_score(z, labels)),
-        "knn_purity": knn_purity(z, labels, k),
-    }
 
 
 class KernelEmbeddings(Callback):
@@ -526,27 +497,9 @@ class KernelEmbeddings(Callback):
         if len(labels) < 5:
             rank_zero_warn(f"KernelEmbeddings: {len(labels)} samples are too few for a t-SNE plot")
             return None
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from sklearn.manifold import TSNE
-        from threadpoolctl import threadpool_limits
-
-        perplexity = min(self.perplexity, (len(labels) - 1) / 3)
-        fig = Figure(figsize=(5.2 * len(spaces), 4.8), dpi=100)
-        canvas = FigureCanvasAgg(fig)
-        classes = np.unique(labels)
-        cmap = "tab10" if len(classes) <= 10 else "tab20"
         titles = {"kernel": "kernel representations", "feature": "pooled features"}
-        for i, (name, x) in enumerate(spaces.items()):
-            # One OpenMP thread: the other ranks and dataloader workers keep running, and an
-            # oversubscribed Barnes-Hut t-SNE slows down a hundredfold.
-            with threadpool_limits(1):
-                tsne = TSNE(2, perplexity=perplexity, init="pca", random_state=self.seed)
-                xy = tsne.fit_transform(_standardise(x.astype(np.float64)))
-            ax = fig.add_subplot(1, len(spaces), i + 1)
-            scatter = ax.scatter(
-                xy[:, 0], xy[:, 1], c=labels, cmap=cmap, s=8, vmin=classes.min(), vmax=classes.max()
-            )
+        panels = []
+        for name, x in spaces.items():
             scores = [
                 f"{label} {metrics[key]:.2f}"
                 for label, key in (
@@ -555,21 +508,15 @@ class KernelEmbeddings(Callback):
                 )
                 if key in metrics
             ]
-            ax.set_title(f"{titles[name]} ({x.shape[1]}-d)\n" + ", ".join(scores), fontsize=10)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == len(spaces) - 1 and len(classes) <= 20:
-                ax.legend(
-                    *scatter.legend_elements(num=list(classes)),
-                    title="class",
-                    fontsize=7,
-                    loc="best",
+            panels.append(
+                (
+                    f"{titles[name]} ({x.shape[1]}-d)\n" + ", ".join(scores),
+                    tsne_2d(x, self.perplexity, self.seed),
                 )
-        fig.suptitle(f"t-SNE at epoch {epoch}, {len(labels)} validation samples", fontsize=11)
-        fig.tight_layout()
-        canvas.draw()
-        fig.savefig(path)
-        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+            )
+        return plot_embeddings(
+            panels, labels, path, f"t-SNE at epoch {epoch}, {len(labels)} validation samples"
+        )
 
     # ------------------------------------------------------------------ housekeeping
     def _remove_hooks(self) -> None:

@@ -57,11 +57,11 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
 from lightning_kr import KRConfig, KRModel, kr_convert
-from lightning_kr.callbacks.kernel_embeddings import cluster_scores
 from lightning_kr.data.digits import digit_images
 from lightning_kr.diagnostics import AttentionStatistics, kernel_generators
 from lightning_kr.layers import ATTENTION_KINDS, Attentions
 from lightning_kr.models import build_model
+from lightning_kr.utilities.embeddings import cluster_scores, plot_embeddings, tsne_2d
 
 DEFAULT_CONFIGS = (
     "static",
@@ -236,6 +236,7 @@ def evaluate(
         result["spread"] = spreads.median_spread()
     if captured:
         kernels = torch.cat(captured).numpy()
+        result["descriptors"] = kernels
         if kernels.std(axis=0).max() > 0:
             result.update(cluster_scores(kernels, y.numpy()))
     return result
@@ -263,6 +264,7 @@ class Run:
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     epochs: list[dict[str, Any]] = field(default_factory=list)
+    descriptors: np.ndarray | None = None  # (N test images, E): the last epoch's kernel descriptors
 
 
 def train(
@@ -301,7 +303,9 @@ def train(
             run.step_seconds.append(time.perf_counter() - start)
             run.losses.append(loss.item())
             step += 1
-        run.epochs.append(evaluate(model, split.test_x, split.test_y, 256, descriptors))
+        result = evaluate(model, split.test_x, split.test_y, 256, descriptors)
+        run.descriptors = result.pop("descriptors", None)
+        run.epochs.append(result)
         model.train()
     return run
 
@@ -387,6 +391,33 @@ def plot(summaries: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_kernels(
+    runs: dict[str, list[Run]], summaries: list[dict[str, Any]], labels: np.ndarray, path: Path
+) -> bool:
+    """t-SNE of the first seed's per-image kernel descriptors, one panel per configuration that
+    has them, titled with its spread and k-NN purity. Returns whether anything was drawn."""
+    panels = []
+    for summary in summaries:
+        descriptors = runs[summary["config"]][0].descriptors
+        if descriptors is None or descriptors.std(axis=0).max() == 0:
+            continue
+        final = runs[summary["config"]][0].epochs[-1]
+        scores = ", ".join(
+            f"{label} {final[key]:.2f}"
+            for label, key in (("spread", "spread"), ("k-NN purity", "knn_purity"))
+            if key in final
+        )
+        title = f"{summary['config']} ({descriptors.shape[1]}-d)\n{scores}"
+        panels.append((title, tsne_2d(descriptors)))
+    if not panels:
+        return False
+    plot_embeddings(
+        panels, labels, path,
+        f"per-image kernels of the last KR layer, {len(labels)} test images, seed 0",
+    )  # fmt: skip
+    return True
+
+
 # ---------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -408,6 +439,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--no-descriptors", action="store_true", help="skip kernel cluster scores")
     parser.add_argument(
+        "--tsne",
+        action="store_true",
+        help="also draw <out>/kernels_tsne.png: t-SNE of the per-image kernel descriptors of "
+        "each configuration (seed 0), coloured by class",
+    )
+    parser.add_argument(
         "--kr",
         nargs="+",
         default=[],
@@ -423,6 +460,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except (TypeError, ValueError) as error:
         parser.error(f"--kr: {error}")
     args.parsed = [parse_config(name, options) for name in args.configs]
+    if args.tsne and args.no_descriptors:
+        parser.error("--tsne draws the kernel descriptors: drop --no-descriptors")
     if args.seeds < 1 or args.epochs < 1:
         parser.error("--seeds and --epochs must be at least 1")
     return args
@@ -482,7 +521,13 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] | None = None
     }
     (out / "compare.json").write_text(json.dumps(report, indent=2))
     plot(summaries, out / "learning_curves.png")
-    console.print(f"written: {out / 'compare.json'}, {out / 'learning_curves.png'}")
+    written = [out / "compare.json", out / "learning_curves.png"]
+    if args.tsne:
+        if plot_kernels(runs, summaries, split.test_y.numpy(), out / "kernels_tsne.png"):
+            written.append(out / "kernels_tsne.png")
+        else:
+            log("--tsne: no configuration generated kernel descriptors (static only?)")
+    console.print("written: " + ", ".join(str(path) for path in written))
     return report
 
 

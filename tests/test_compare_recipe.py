@@ -72,3 +72,30 @@ def test_imagenet_layout_folder(tmp_path):
 def test_batch_larger_than_the_data_is_refused(tmp_path):
     with pytest.raises(ValueError, match="exceeds"):
         compare.main(["--train-images", "30", "--batch-size", "50", "--out", str(tmp_path)])
+
+
+def test_tsne_of_per_image_kernels(tmp_path):
+    """``--tsne`` draws one panel per configuration with kernel descriptors (seed 0)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % 3
+    runs = {
+        "static": [compare.Run(epochs=[{"top1": 50.0}])],
+        "kr_1x": [
+            compare.Run(
+                epochs=[{"top1": 60.0, "spread": 0.2, "knn_purity": 0.9}],
+                descriptors=rng.normal(size=(30, 8)) + labels[:, None],
+            )
+        ],
+        "odconv_1x": [  # a layer that gives every image the same kernel has nothing to draw
+            compare.Run(epochs=[{"top1": 55.0, "spread": 0.0}], descriptors=np.ones((30, 8)))
+        ],
+    }
+    summaries = [{"config": name} for name in runs]
+    path = tmp_path / "kernels_tsne.png"
+    assert compare.plot_kernels(runs, summaries, labels, path)
+    assert path.stat().st_size > 1000
+    assert not compare.plot_kernels({"static": runs["static"]}, summaries[:1], labels, path)
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--tsne", "--no-descriptors"])
