@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -16,10 +17,10 @@ MODES: dict[str, str] = {
 }
 
 
-RUNTIME_OPTIONS = ("strategy", "init_noise", "include", "exclude")
-"""Options a checkpoint may differ in: how per-sample kernels are applied, the noise that
-initialises the candidates, and the targets (which layers were converted is checked by name
-instead). Every other option must match."""
+RUNTIME_OPTIONS = ("strategy", "init_noise", "dynamic_init", "include", "exclude")
+"""Options a checkpoint may differ in: how per-sample kernels are applied, the initialisation of
+the candidates and of the attention heads (loaded weights replace both), and the targets (which
+layers were converted is checked by name instead). Every other option must match."""
 
 
 def named_attention_norm(value: str | bool) -> str:
@@ -56,6 +57,20 @@ class KRConfig:
             left trained layers static) or ``"none"``. Records of older checkpoints say ``True``
             (= ``"layer"``) or ``False`` (= ``"none"``). See :class:`~lightning_kr.KernelGenerator`.
         init_noise: relative size of the zero-mean perturbation that makes the candidates differ.
+        dynamic_init: start the attention heads random instead of at zero, so that every image gets
+            its own kernel from the first step: head weights ``N(0, s² / hidden)``, which gives each
+            attention logit a spread of about ``0.7 s`` across images (its hidden units are
+            batch-normalised and rectified). A number sets ``s`` for every attention kind, a
+            mapping per kind (e.g. ``{"spatial": 1.5}``; kinds left out start at zero). 0 (default):
+            every head starts at zero and the converted model computes the static function exactly;
+            any other value gives that up (the outputs of a converted pretrained model change at
+            once), for training from scratch. Measured on the digits (README "Dynamism"): random
+            spatial heads cost little accuracy, random channel / filter heads cost more.
+        dynamic_warmup: ramp the attention logits in over this many training forward passes,
+            ``logit · min(1, t / dynamic_warmup)``: with ``dynamic_init`` the converted model is
+            then exactly the static one at step 0 (a pretrained conversion keeps its outputs) and
+            fully dynamic after the ramp, in any training loop (each kernel generator counts its
+            own passes in a saved buffer ``ramp_step``). 0 (default): no ramp.
         strategy: how KR convolutions apply per-sample kernels (``"auto"``: by counted cost and
             shape; every strategy is exact).
         include, exclude: which modules to consider: a string is a full regular expression on the
@@ -72,6 +87,8 @@ class KRConfig:
     preserve_function: bool = True
     attention_norm: str = "batch"
     init_noise: float = 0.1
+    dynamic_init: float | dict[str, float] = 0.0
+    dynamic_warmup: int = 0
     strategy: str = "auto"
     include: str | tuple[str, ...] | None = None
     exclude: str | tuple[str, ...] | None = None
@@ -94,6 +111,31 @@ class KRConfig:
             )
         if self.mode == "kr" and self.repr_dim < 1:
             raise ValueError(f"mode='kr' needs repr_dim >= 1; got {self.repr_dim}")
+        scales = (
+            dict(self.dynamic_init)
+            if isinstance(self.dynamic_init, Mapping)
+            else {kind: self.dynamic_init for kind in ATTENTION_KINDS}
+        )
+        unknown_kinds = sorted(set(scales) - set(ATTENTION_KINDS))
+        if unknown_kinds or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+            for v in scales.values()
+        ):
+            raise ValueError(
+                f"dynamic_init must be a number >= 0 or a mapping from attention kinds "
+                f"{list(ATTENTION_KINDS)} to numbers >= 0; got {self.dynamic_init!r}"
+            )
+        if isinstance(self.dynamic_init, Mapping):
+            object.__setattr__(self, "dynamic_init", {k: float(v) for k, v in scales.items()})
+        if (
+            isinstance(self.dynamic_warmup, bool)
+            or not isinstance(self.dynamic_warmup, int)
+            or (self.dynamic_warmup < 0)
+        ):
+            raise ValueError(
+                f"dynamic_warmup must be a whole number of training steps >= 0; "
+                f"got {self.dynamic_warmup!r}"
+            )
         if self.attentions is not None:
             unknown = set(self.attentions) - set(ATTENTION_KINDS)
             if unknown:
@@ -121,6 +163,12 @@ class KRConfig:
         if self.attentions is not None:
             return tuple(a for a in ATTENTION_KINDS if a in self.attentions)
         return ("kernel",) if self.mode == "dyconv" else ATTENTION_KINDS
+
+    def dynamic_init_scales(self) -> dict[str, float]:
+        """``dynamic_init`` per attention kind (0 where the heads start at zero)."""
+        if isinstance(self.dynamic_init, Mapping):
+            return {kind: self.dynamic_init.get(kind, 0.0) for kind in ATTENTION_KINDS}
+        return {kind: float(self.dynamic_init) for kind in ATTENTION_KINDS}
 
     def layer_options(self) -> dict[str, Any]:
         """Keyword arguments of every KR layer built for this configuration."""

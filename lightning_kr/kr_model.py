@@ -202,7 +202,8 @@ class KRModel(nn.Module, PretrainedMixin):
         if not isinstance(state, dict) or "config" not in state:
             return
         mine = self.get_extra_state()
-        theirs = dict(state["config"])
+        # Options added after a checkpoint was written are at their defaults in it.
+        theirs = {**KRConfig().as_record(), **dict(state["config"])}
         if "attention_norm" in theirs:
             theirs["attention_norm"] = named_attention_norm(theirs["attention_norm"])
         differing = {

@@ -46,6 +46,29 @@ def test_a_fresh_conversion_is_static_and_neutral():
     assert stats.median_spread() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_dynamic_init_makes_every_image_get_its_own_kernel_from_the_start():
+    """``dynamic_init=s``: random heads whose logits vary by about 0.7·s across images (a 2·sigmoid
+    gate then by about half that, relative to its neutral 1); per kind with a mapping."""
+    images = torch.randn(64, 3, 32, 32)
+    torch.manual_seed(0)
+    model = kr_convert(resnet18(num_classes=4), input_size=32, dynamic_init=0.5)
+    by_kind: dict[str, list[float]] = {}
+    for row in attention_statistics(model, images, train_mode=True).rows():
+        by_kind.setdefault(row["kind"], []).append(row["spread"])
+    for kind, spreads in by_kind.items():
+        median = sorted(spreads)[len(spreads) // 2]
+        assert 0.08 < median < 0.3, (kind, spreads)  # expected ≈ 0.5 · 0.7 · 0.5 = 0.175
+    torch.manual_seed(0)
+    spatial_only = kr_convert(resnet18(num_classes=4), input_size=32, dynamic_init={"spatial": 1.5})
+    for row in attention_statistics(spatial_only, images, train_mode=True).rows():
+        if row["kind"] == "spatial":
+            assert row["spread"] > 0.2
+        else:
+            assert row["spread"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="dynamic_init must be a number >= 0 or a mapping"):
+        kr_convert(resnet18(num_classes=4), input_size=32, dynamic_init={"spatia": 1.0})
+
+
 def test_spread_is_the_across_sample_std_over_the_mean():
     model = converted()
     randomise_heads(model)

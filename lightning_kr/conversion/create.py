@@ -16,6 +16,7 @@ from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
 
 from lightning_kr.config import KRConfig
 from lightning_kr.layers.dynamic_conv3d import STRATEGIES_3D
+from lightning_kr.layers.kernel_generator import KernelGenerator
 from lightning_kr.layers.kr_conv1d import KRConv1d
 from lightning_kr.layers.kr_conv2d import KRConv2d
 from lightning_kr.layers.kr_conv3d import KRConv3d
@@ -114,4 +115,12 @@ def create(module: nn.Module, config: KRConfig) -> nn.Module:
     base = base_type(module)
     if base is None:
         raise TypeError(f"no KR layer replaces {type(module).__name__}")
-    return FACTORIES[base](module, config)
+    layer = FACTORIES[base](module, config)
+    scales = config.dynamic_init_scales()
+    if any(scales.values()) or config.dynamic_warmup:
+        for generator in layer.modules():
+            if isinstance(generator, KernelGenerator):
+                generator.randomise_heads(scales)
+                if config.dynamic_warmup:
+                    generator.ramp_in(config.dynamic_warmup)
+    return layer

@@ -53,6 +53,7 @@ few large steps.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -151,6 +152,7 @@ class KernelGenerator(nn.Module):
         self.gate_scale = gate_scale
         self.hidden = attention_hidden_size(in_channels, reduction, min_hidden)
         self.register_buffer("temperature", torch.tensor(1.0), persistent=True)
+        self.ramp_steps = 0  # see ramp_in
 
         self.fuse = nn.Linear(repr_dim + in_channels, self.hidden)
         self.norm: nn.Module | None = None
@@ -196,6 +198,45 @@ class KernelGenerator(nn.Module):
             else:
                 nn.init.kaiming_normal_(head.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(head.bias)
+
+    def randomise_heads(self, scales: Mapping[str, float]) -> None:
+        """Start the heads of the kinds in ``scales`` random: weights ``N(0, scale² / hidden)``, so
+        each logit varies across images by about ``0.7 · scale`` (the hidden units are normalised
+        across the batch and rectified: mean square ≈ 0.5); a scale of 0 leaves a head as it is.
+        The attentions then differ between images from the first step (``KRConfig.dynamic_init``)."""
+        for kind, head in self.heads.items():
+            scale = scales.get(kind, 0.0)
+            if scale > 0:
+                nn.init.normal_(head.weight, std=scale / self.hidden**0.5)
+
+    def ramp_in(self, steps: int) -> None:
+        """Scale the logits by ``min(1, t / steps)``, ``t`` the number of training forward passes
+        this generator has run (a persistent buffer ``ramp_step``, saved and resumed with the
+        weights): every attention is exactly neutral at step 0 even with random heads, and
+        reaches its full dynamism after ``steps`` passes (``KRConfig.dynamic_warmup``).
+
+        A training-mode pass counts whatever the grad mode (a reentrant activation checkpoint runs
+        its first pass under ``no_grad``); the recomputation of a checkpointed block during
+        backward does not count and uses the scale of the pass it recomputes.
+        """
+        if steps < 1:
+            raise ValueError(f"ramp_in needs steps >= 1; got {steps}")
+        self.ramp_steps = int(steps)
+        if not hasattr(self, "ramp_step"):
+            self.register_buffer("ramp_step", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def _ramp(self) -> Tensor | None:
+        """The logits' ramp factor of this pass (a 0-d tensor), counting the pass; None when off."""
+        if not self.ramp_steps:
+            return None
+        step = self.ramp_step
+        recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+        if recomputing:  # a checkpointed block re-run in backward: the scale of its first pass
+            step = step - 1
+        factor = (step.to(torch.float32) / self.ramp_steps).clamp(max=1.0)
+        if self.training and not recomputing:
+            self.ramp_step.add_(1)
+        return factor
 
     def _summary_size(self, kind: str, size: int) -> int:
         if self.summary == "pooled" and kind in ("channel", "filter"):
@@ -257,6 +298,9 @@ class KernelGenerator(nn.Module):
                 torch.cat([head.weight for head in heads]) if len(heads) > 1 else heads[0].weight,
                 torch.cat([head.bias for head in heads]) if len(heads) > 1 else heads[0].bias,
             ) * (self.readout / self.temperature)
+            ramp = self._ramp()
+            if ramp is not None:
+                logits = logits * ramp.to(logits.dtype)
         else:  # e.g. DyConv at n = 1: no attention at all, the layer is its static convolution
             logits = fused.new_zeros(fused.shape[0], 0)
         kinds = list(self.heads.keys())
