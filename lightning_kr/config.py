@@ -7,7 +7,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from lightning_kr.layers.dynamic_conv import STRATEGIES
-from lightning_kr.layers.kernel_generator import ATTENTION_KINDS, NORMS
+from lightning_kr.layers.kernel_generator import (
+    ATTENTION_KINDS,
+    DYNAMISM_FLOOR,
+    DYNAMISM_WEIGHT,
+    NORMS,
+)
 
 Mode = Literal["kr", "odconv", "dyconv"]
 MODES: dict[str, str] = {
@@ -17,9 +22,18 @@ MODES: dict[str, str] = {
 }
 
 
-RUNTIME_OPTIONS = ("strategy", "init_noise", "dynamic_init", "include", "exclude")
+RUNTIME_OPTIONS = (
+    "strategy",
+    "init_noise",
+    "dynamic_init",
+    "dynamism_floor",
+    "dynamism_weight",
+    "include",
+    "exclude",
+)
 """Options a checkpoint may differ in: how per-sample kernels are applied, the initialisation of
-the candidates and of the attention heads (loaded weights replace both), and the targets (which
+the candidates and of the attention heads (loaded weights replace both), the training-only push
+towards dynamic attentions, and the targets (which
 layers were converted is checked by name instead). Every other option must match."""
 
 
@@ -66,6 +80,15 @@ class KRConfig:
             any other value gives that up (the outputs of a converted pretrained model change at
             once), for training from scratch. Measured on the digits (README "Dynamism"): random
             spatial heads cost little accuracy, random channel / filter heads cost more.
+        dynamism_floor, dynamism_weight: in training, every attention logit whose standard
+            deviation across the batch's samples is below ``dynamism_floor`` is pushed to vary
+            more, as if ``dynamism_weight · Σ max(0, floor − std)`` were added to the loss (a
+            gradient added in backward: forward values, evaluation and export are unchanged, and
+            it works in any training loop). Default 0: off. A floor of 0.4 (weight 0.05) keeps a
+            ``2·sigmoid`` gate varying by about a fifth across images: trained layers then are as
+            dynamic as ODConv's official code, at a cost of about a point of accuracy on the
+            short digits runs (README "Dynamism"). See
+            :class:`~lightning_kr.layers.kernel_generator.DynamismFloor`.
         dynamic_warmup: ramp the attention logits in over this many training forward passes,
             ``logit · min(1, t / dynamic_warmup)``: with ``dynamic_init`` the converted model is
             then exactly the static one at step 0 (a pretrained conversion keeps its outputs) and
@@ -89,6 +112,8 @@ class KRConfig:
     init_noise: float = 0.1
     dynamic_init: float | dict[str, float] = 0.0
     dynamic_warmup: int = 0
+    dynamism_floor: float = DYNAMISM_FLOOR
+    dynamism_weight: float = DYNAMISM_WEIGHT
     strategy: str = "auto"
     include: str | tuple[str, ...] | None = None
     exclude: str | tuple[str, ...] | None = None
@@ -136,6 +161,10 @@ class KRConfig:
                 f"dynamic_warmup must be a whole number of training steps >= 0; "
                 f"got {self.dynamic_warmup!r}"
             )
+        for name in ("dynamism_floor", "dynamism_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0 (0: off); got {value!r}")
         if self.attentions is not None:
             unknown = set(self.attentions) - set(ATTENTION_KINDS)
             if unknown:

@@ -116,6 +116,10 @@ def create(module: nn.Module, config: KRConfig) -> nn.Module:
     if base is None:
         raise TypeError(f"no KR layer replaces {type(module).__name__}")
     layer = FACTORIES[base](module, config)
+    for generator in layer.modules():
+        if isinstance(generator, KernelGenerator):
+            generator.dynamism_floor = config.dynamism_floor
+            generator.dynamism_weight = config.dynamism_weight
     scales = config.dynamic_init_scales()
     if any(scales.values()) or config.dynamic_warmup:
         for generator in layer.modules():

@@ -64,6 +64,43 @@ ATTENTION_KINDS = ("channel", "filter", "spatial", "kernel")
 NORMS = ("batch", "layer", "none")
 BATCH_NORM_EPS = 1.0
 """The attention branch's BatchNorm adds this to the variance (ODConv: 1e-5): see the module doc."""
+DYNAMISM_FLOOR = 0.0
+"""Default across-batch standard deviation below which training pushes each attention logit up
+(``KRConfig.dynamism_floor``): 0, off. 0.4 makes trained layers as dynamic as ODConv's official
+code (median spread 0.2–0.3) at a cost in accuracy on short runs: see README "Dynamism"."""
+DYNAMISM_WEIGHT = 0.05
+"""Default weight of that push (``KRConfig.dynamism_weight``)."""
+
+
+class DynamismFloor(torch.autograd.Function):
+    """Identity in the forward pass; the backward pass adds the gradient of
+    ``weight · Σ_j max(0, floor − std_b(z_j))`` to the logits' gradient, as if that term were part
+    of the loss: every attention logit whose standard deviation across the batch's samples is below
+    ``floor`` is pushed to vary more, in the directions of variation it already has.
+
+    Shapes: ``logits`` (B, E) → (B, E). The forward values are untouched, so a converted model still
+    computes the static function at step 0, exports and evaluates as before; only training sees it,
+    in any loop (no loss term to add, no callback). Zero-initialised heads give logits that do not
+    vary at all and receive no push; the first steps of the task's own gradient make them vary a
+    little, and the push then grows that variation to the floor, which the task's loss can steer
+    (which images get which kernel) but not erase.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, floor: float, weight: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(logits)
+        ctx.floor, ctx.weight = floor, weight
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (logits,) = ctx.saved_tensors
+        centred = logits - logits.mean(0, keepdim=True)
+        std = (centred.square().mean(0, keepdim=True) + 1e-6).sqrt()
+        below = (std < ctx.floor).to(logits.dtype)
+        # d/dz of -std_j = -(z - mean_j) / (B · std_j)
+        push = centred * (below / (logits.shape[0] * std))
+        return grad - ctx.weight * push, None, None
 
 
 @dataclass
@@ -153,6 +190,8 @@ class KernelGenerator(nn.Module):
         self.hidden = attention_hidden_size(in_channels, reduction, min_hidden)
         self.register_buffer("temperature", torch.tensor(1.0), persistent=True)
         self.ramp_steps = 0  # see ramp_in
+        self.dynamism_floor = DYNAMISM_FLOOR  # see DynamismFloor
+        self.dynamism_weight = DYNAMISM_WEIGHT
 
         self.fuse = nn.Linear(repr_dim + in_channels, self.hidden)
         self.norm: nn.Module | None = None
@@ -301,6 +340,14 @@ class KernelGenerator(nn.Module):
             ramp = self._ramp()
             if ramp is not None:
                 logits = logits * ramp.to(logits.dtype)
+            if (
+                self.training
+                and self.dynamism_floor > 0
+                and self.dynamism_weight > 0
+                and logits.shape[0] > 1
+                and logits.requires_grad
+            ):
+                logits = DynamismFloor.apply(logits, self.dynamism_floor, self.dynamism_weight)
         else:  # e.g. DyConv at n = 1: no attention at all, the layer is its static convolution
             logits = fused.new_zeros(fused.shape[0], 0)
         kinds = list(self.heads.keys())
