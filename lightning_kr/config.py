@@ -11,6 +11,7 @@ from lightning_kr.layers.kernel_generator import (
     ATTENTION_KINDS,
     DYNAMISM_FLOOR,
     DYNAMISM_WEIGHT,
+    GATE_RANGE,
     NORMS,
 )
 
@@ -35,6 +36,11 @@ RUNTIME_OPTIONS = (
 the candidates and of the attention heads (loaded weights replace both), the training-only push
 towards dynamic attentions, and the targets (which
 layers were converted is checked by name instead). Every other option must match."""
+
+
+LEGACY_VALUES: dict[str, Any] = {"gate_range": 1.0}
+"""Options added after checkpoints were written whose default is not what those checkpoints
+computed: a record without the option is read with this value."""
 
 
 def named_attention_norm(value: str | bool) -> str:
@@ -80,14 +86,22 @@ class KRConfig:
             any other value gives that up (the outputs of a converted pretrained model change at
             once), for training from scratch. Measured on the digits (README "Dynamism"): random
             spatial heads cost little accuracy, random channel / filter heads cost more.
+        gate_range: neutral gates are ``1 + r·tanh(logit / 2r)`` with ``r = gate_range``: within
+            ``1 ± r``, slope 1/2 at the neutral point whatever ``r``. 1 (default) is ``2·sigmoid``;
+            0.5 lets a gate halve a channel, a filter or a tap for one image, or add half to it,
+            but never switch it off or double it. Use 0.5 with ``dynamism_floor`` or
+            ``dynamic_init``: with the full range, gates pushed towards dynamism ran away to their
+            ends in some seeds (most gates of the early layers at 0 or 2, accuracy 5–40 points
+            down); bounded, they stayed in range (README "Dynamism", 2026-12-02).
         dynamism_floor, dynamism_weight: in training, every attention logit whose standard
             deviation across the batch's samples is below ``dynamism_floor`` is pushed to vary
             more, as if ``dynamism_weight · Σ max(0, floor − std)`` were added to the loss (a
             gradient added in backward: forward values, evaluation and export are unchanged, and
-            it works in any training loop). Default 0: off. A floor of 0.4 (weight 0.05) keeps a
-            ``2·sigmoid`` gate varying by about a fifth across images: trained layers then are as
-            dynamic as ODConv's official code, at a cost of about a point of accuracy on the
-            short digits runs (README "Dynamism"). See
+            it works in any training loop). Default 0: off. ``dynamism_floor=0.4,
+            gate_range=0.5`` gave a median spread of 0.14 (10 times the default's) after 144
+            steps on the digits at 0.5 points below the static network, but 4–13 points below
+            it after 60 steps and 2–3.5 points below the default after fine-tuning a trained
+            network: a trade, not a free lunch (README "Dynamism", 2026-12-02). See
             :class:`~lightning_kr.layers.kernel_generator.DynamismFloor`.
         dynamic_warmup: ramp the attention logits in over this many training forward passes,
             ``logit · min(1, t / dynamic_warmup)``: with ``dynamic_init`` the converted model is
@@ -112,6 +126,7 @@ class KRConfig:
     init_noise: float = 0.1
     dynamic_init: float | dict[str, float] = 0.0
     dynamic_warmup: int = 0
+    gate_range: float = GATE_RANGE
     dynamism_floor: float = DYNAMISM_FLOOR
     dynamism_weight: float = DYNAMISM_WEIGHT
     strategy: str = "auto"
@@ -161,6 +176,14 @@ class KRConfig:
                 f"dynamic_warmup must be a whole number of training steps >= 0; "
                 f"got {self.dynamic_warmup!r}"
             )
+        if (
+            isinstance(self.gate_range, bool)
+            or not isinstance(self.gate_range, int | float)
+            or not (0 < self.gate_range <= 1)
+        ):
+            raise ValueError(
+                f"gate_range must be in (0, 1] (gates within 1 ± gate_range); got {self.gate_range!r}"
+            )
         for name in ("dynamism_floor", "dynamism_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
@@ -171,6 +194,16 @@ class KRConfig:
                 raise ValueError(
                     f"unknown attentions {sorted(unknown)}; choose from {list(ATTENTION_KINDS)}"
                 )
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> KRConfig:
+        """The config of a record written by :meth:`as_record`, by this or an earlier version:
+        options the record lacks take the value that version used (:data:`LEGACY_VALUES`), else
+        their default; ``attention_norm`` records of ``True`` / ``False`` are named."""
+        values = {**LEGACY_VALUES, **record}
+        if "attention_norm" in values:
+            values["attention_norm"] = named_attention_norm(values["attention_norm"])
+        return cls(**values)
 
     @classmethod
     def with_overrides(cls, config: KRConfig | None, **overrides: Any) -> KRConfig:

@@ -10,8 +10,8 @@ sees (streaming: sums, not the samples):
 * ``spread``: the across-sample spread, ``std over samples / mean |value|`` per attention entry,
   averaged over the entries — 0 means every sample gets the same kernel (a static layer at a
   higher cost); ODConv's official code trained from scratch gives about 0.25;
-* ``saturated``: the fraction of gate values within 1 % of the gate's range ends (0 or
-  ``gate_scale``), where the sigmoid has no gradient; for the kernel-number attention, the fraction
+* ``saturated``: the fraction of gate values within 1 % of the ends of the gate's range
+  (``KernelGenerator.gate_bounds``), where the gate has no gradient; for the kernel-number attention, the fraction
   of samples whose largest weight exceeds 0.99;
 * ``entropy``: the kernel-number attention's mean entropy as a fraction of ``log n`` (1 = uniform).
 
@@ -57,7 +57,7 @@ class _Sums:
     entries: int = 0
     entropy: float = 0.0
 
-    def add(self, values: Tensor, kind: str, gate_scale: float) -> None:
+    def add(self, values: Tensor, kind: str, bounds: tuple[float, float]) -> None:
         values = values.detach().float().flatten(1)
         if self.total is None:
             self.total = values.new_zeros(values.shape[1])
@@ -76,8 +76,9 @@ class _Sums:
             entropy = -(values * values.clamp_min(1e-12).log()).sum(1) / math.log(n)
             self.entropy += entropy.sum().item()
         else:
-            margin = SATURATION * gate_scale
-            saturated = (values < margin) | (values > gate_scale - margin)
+            low, high = bounds
+            margin = SATURATION * (high - low)
+            saturated = (values < low + margin) | (values > high - margin)
             self.saturated += saturated.sum().item()
             self.entries += values.numel()
 
@@ -153,7 +154,7 @@ class AttentionStatistics:
                 "lightning_kr.kr_convert(model) first"
             )
         handles = [
-            generator.register_forward_hook(self._hook(name, generator.gate_scale))
+            generator.register_forward_hook(self._hook(name, generator.gate_bounds))
             for name, generator in generators.items()
         ]
         try:
@@ -162,12 +163,12 @@ class AttentionStatistics:
             for handle in handles:
                 handle.remove()
 
-    def _hook(self, name: str, gate_scale: float):
+    def _hook(self, name: str, bounds: tuple[float, float]):
         def record(_module: nn.Module, _args: Any, out: Attentions) -> None:
             for kind in ATTENTION_KINDS:
                 values = getattr(out, kind)
                 if values is not None:
-                    self.sums.setdefault((name, kind), _Sums()).add(values, kind, gate_scale)
+                    self.sums.setdefault((name, kind), _Sums()).add(values, kind, bounds)
 
         return record
 

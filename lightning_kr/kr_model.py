@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_kr.config import RUNTIME_OPTIONS, KRConfig, named_attention_norm
+from lightning_kr.config import RUNTIME_OPTIONS, KRConfig
 from lightning_kr.conversion.plan import ConversionPlan
 from lightning_kr.hub import PretrainedMixin
 from lightning_kr.layers.fft_stem import FFTStem
@@ -202,10 +202,8 @@ class KRModel(nn.Module, PretrainedMixin):
         if not isinstance(state, dict) or "config" not in state:
             return
         mine = self.get_extra_state()
-        # Options added after a checkpoint was written are at their defaults in it.
-        theirs = {**KRConfig().as_record(), **dict(state["config"])}
-        if "attention_norm" in theirs:
-            theirs["attention_norm"] = named_attention_norm(theirs["attention_norm"])
+        # Options added after a checkpoint was written: the value its version used.
+        theirs = KRConfig.from_record(dict(state["config"])).as_record()
         differing = {
             key: (theirs.get(key), value)
             for key, value in mine["config"].items()

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightning_kr.config import KRConfig, named_attention_norm
+from lightning_kr.config import KRConfig
 from lightning_kr.conversion.create import FACTORIES, base_type
 from lightning_kr.conversion.plan import ConversionPlan
 from lightning_kr.models import build_model
@@ -302,10 +302,7 @@ def config_record(config: KRConfig) -> dict[str, Any]:
 
 
 def config_from_record(record: dict[str, Any]) -> KRConfig:
-    record = dict(record)
-    if "attention_norm" in record:
-        record["attention_norm"] = named_attention_norm(record["attention_norm"])
-    return KRConfig(**record)
+    return KRConfig.from_record(record)
 
 
 def sha256(path: Path) -> str:

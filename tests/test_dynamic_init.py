@@ -1,4 +1,4 @@
-"""``dynamic_init`` and ``dynamic_warmup``: random attention heads ramped in from an exact start.
+"""Dynamism options: random heads (``dynamic_init``) ramped in from an exact start, and records.
 
 ``kr_convert(model, dynamic_init=s, dynamic_warmup=N)`` starts the heads random (every image gets its
 own kernel) and scales the logits by ``min(1, t / N)``, ``t`` counting training passes: the
@@ -117,3 +117,15 @@ def test_save_and_load_pretrained_keeps_the_options_and_the_step(tmp_path):
     images = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images))
+
+
+def test_records_written_before_gate_range_read_as_the_sigmoid_they_used():
+    torch.manual_seed(0)
+    model = kr_convert(resnet18(num_classes=4), input_size=32)
+    state = model.state_dict()
+    extra_key = next(k for k in state if k.endswith("_extra_state"))
+    del state[extra_key]["config"]["gate_range"]  # as written by an earlier version
+    kr_convert(resnet18(num_classes=4), input_size=32).load_state_dict(state)
+    bounded = kr_convert(resnet18(num_classes=4), input_size=32, gate_range=0.5)
+    with pytest.raises(RuntimeError, match=r"gate_range: checkpoint=1\.0, this model=0\.5"):
+        bounded.load_state_dict(state)

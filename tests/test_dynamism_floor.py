@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from lightning_kr import kr_convert
+from lightning_kr import attention_statistics, kr_convert
 from lightning_kr.diagnostics import kernel_generators
 from lightning_kr.layers import KRConv2d
 from lightning_kr.layers.kernel_generator import DynamismFloor
@@ -60,3 +60,49 @@ def test_kr_convert_sets_the_floor_of_every_generator():
     assert {g.dynamism_floor for g in kernel_generators(pushed).values()} == {0.4}
     with pytest.raises(ValueError, match="dynamism_floor must be a number >= 0"):
         kr_convert(resnet18(num_classes=4), input_size=32, dynamism_floor=-0.1)
+
+
+def test_gate_range_bounds_the_gates_and_keeps_the_neutral_slope():
+    torch.manual_seed(0)
+    layer = KRConv2d(4, 4, 3, padding=1, repr_dim=0)
+    generator = layer.generator
+    logits = torch.linspace(-30, 30, 601).unsqueeze(0)
+    torch.testing.assert_close(generator._gates(logits), 2 * torch.sigmoid(logits))  # r = 1
+    generator.gate_range = 0.5
+    gates = generator._gates(logits)
+    assert generator.gate_bounds == (0.5, 1.5)
+    assert gates.min() >= 0.5 and gates.max() <= 1.5
+    zero = torch.zeros(1, 1, requires_grad=True)
+    generator._gates(zero).sum().backward()
+    assert generator._gates(torch.zeros(1, 1)).item() == 1.0 and zero.grad.item() == 0.5
+    with pytest.raises(ValueError, match=r"gate_range must be in \(0, 1\]"):
+        kr_convert(resnet18(num_classes=4), input_size=32, gate_range=1.5)
+
+
+def test_the_floor_makes_a_layer_dynamic_where_the_task_does_not_ask_for_it():
+    """A static target, which opposes any variation: the default layer stays static, the pushed
+    one (here with a weight of 0.5, ten times the default, to win against that loss within a few
+    dozen steps) gives different images different kernels."""
+    torch.manual_seed(0)
+    target = torch.nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(256, 8, 12, 12)
+    with torch.no_grad():
+        y = target(x)
+
+    def trained_spread(floor: float) -> float:
+        torch.manual_seed(1)
+        layer = KRConv2d(8, 8, 3, padding=1, repr_dim=0)
+        layer.generator.gate_range = 0.5
+        layer.generator.dynamism_floor = floor
+        layer.generator.dynamism_weight = 0.5
+        optimiser = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
+        for step in range(60):
+            batch = slice(step % 8 * 32, step % 8 * 32 + 32)
+            loss = torch.nn.functional.mse_loss(layer(x[batch]), y[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        return attention_statistics(layer, x[:64]).median_spread()
+
+    static, pushed = trained_spread(0.0), trained_spread(0.4)
+    assert static < 0.01 and pushed > 0.05, (static, pushed)

@@ -118,6 +118,7 @@ def create(module: nn.Module, config: KRConfig) -> nn.Module:
     layer = FACTORIES[base](module, config)
     for generator in layer.modules():
         if isinstance(generator, KernelGenerator):
+            generator.gate_range = config.gate_range
             generator.dynamism_floor = config.dynamism_floor
             generator.dynamism_weight = config.dynamism_weight
     scales = config.dynamic_init_scales()

@@ -64,10 +64,14 @@ ATTENTION_KINDS = ("channel", "filter", "spatial", "kernel")
 NORMS = ("batch", "layer", "none")
 BATCH_NORM_EPS = 1.0
 """The attention branch's BatchNorm adds this to the variance (ODConv: 1e-5): see the module doc."""
+GATE_RANGE = 1.0
+"""Default ``KRConfig.gate_range``: neutral gates ``2·sigmoid``, within ``(0, 2)`` (see ``_gates``);
+0.5 bounds them to ``1 ± 0.5``, which keeps gates pushed towards dynamism from running away."""
 DYNAMISM_FLOOR = 0.0
 """Default across-batch standard deviation below which training pushes each attention logit up
-(``KRConfig.dynamism_floor``): 0, off. 0.4 makes trained layers as dynamic as ODConv's official
-code (median spread 0.2–0.3) at a cost in accuracy on short runs: see README "Dynamism"."""
+(``KRConfig.dynamism_floor``): 0, off. With ``gate_range = 0.5``, 0.4 makes trained layers
+10–15 times as dynamic (median spread 0.10–0.18) at a cost in accuracy that grows as runs get
+shorter: see README "Dynamism" (2026-12-02)."""
 DYNAMISM_WEIGHT = 0.05
 """Default weight of that push (``KRConfig.dynamism_weight``)."""
 
@@ -190,6 +194,7 @@ class KernelGenerator(nn.Module):
         self.hidden = attention_hidden_size(in_channels, reduction, min_hidden)
         self.register_buffer("temperature", torch.tensor(1.0), persistent=True)
         self.ramp_steps = 0  # see ramp_in
+        self.gate_range = GATE_RANGE  # see _gates
         self.dynamism_floor = DYNAMISM_FLOOR  # see DynamismFloor
         self.dynamism_weight = DYNAMISM_WEIGHT
 
@@ -247,6 +252,27 @@ class KernelGenerator(nn.Module):
             scale = scales.get(kind, 0.0)
             if scale > 0:
                 nn.init.normal_(head.weight, std=scale / self.hidden**0.5)
+
+    @property
+    def gate_bounds(self) -> tuple[float, float]:
+        """The open interval the gates lie in: ``(1 - gate_range, 1 + gate_range)`` for neutral
+        gates, ``(0, gate_scale)`` for ODConv's sigmoid."""
+        if self.gate_scale == 2.0:
+            return 1.0 - self.gate_range, 1.0 + self.gate_range
+        return 0.0, self.gate_scale
+
+    def _gates(self, logits: Tensor) -> Tensor:
+        """Channel / filter / spatial gates from their logits (B, E) → (B, E).
+
+        Neutral gates (``gate_scale = 2``): ``1 + r·tanh(z / 2r)``, ``r = gate_range``: 1 at
+        ``z = 0``, slope 1/2 there whatever ``r``, values in ``(1 - r, 1 + r)``; ``r = 1`` is
+        ``2·sigmoid(z)``. ODConv's gates (``gate_scale = 1``): ``sigmoid(z)``.
+        """
+        if self.gate_scale != 2.0 or self.gate_range == 1.0:
+            gates = torch.sigmoid(logits)
+            return gates * self.gate_scale if self.gate_scale != 1.0 else gates
+        r = self.gate_range
+        return torch.tanh(logits * (0.5 / r)) * r + 1.0
 
     def ramp_in(self, steps: int) -> None:
         """Scale the logits by ``min(1, t / steps)``, ``t`` the number of training forward passes
@@ -355,9 +381,7 @@ class KernelGenerator(nn.Module):
         gated = sum(size for kind, size in zip(kinds, sizes, strict=True) if kind != "kernel")
         values: list[Tensor] = []
         if gated:
-            gates = torch.sigmoid(logits[:, :gated])
-            if self.gate_scale != 1.0:
-                gates = gates * self.gate_scale
+            gates = self._gates(logits[:, :gated])
             values.extend(gates.split(sizes[: len(sizes) - ("kernel" in self.heads)], dim=1))
         if "kernel" in self.heads:  # always the last head
             values.append(torch.softmax(logits[:, gated:], dim=1))
