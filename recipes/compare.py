@@ -2,6 +2,8 @@
 
     python recipes/compare.py                                  # digits, resnet18, 7 configurations, 3 seeds
     python recipes/compare.py --configs static kr_1x odconv_1x --seeds 5
+    python recipes/compare.py --tsne                           # + t-SNE of the per-image kernels
+    python recipes/compare.py --kr gate_range=0.5 dynamism_floor=0.4   # KR options for every config
     python recipes/compare.py --data-root /data/imagenet --train-per-class 20 --image-size 64
 
 A plain PyTorch loop (no Lightning, no callback, no special learning rate): what a user who calls
@@ -26,7 +28,9 @@ Printed (a rich table) and written to ``<out>/compare.json`` and ``<out>/learnin
   per-sample kernel descriptor, the concatenated attention vectors (input-channel, filter, spatial,
   kernel-number) of the last KR layer in execution order — the same space for KR and the ODConv
   ablation (DyConv 4x has only kernel-number attention; static and DyConv 1x have none);
-* the median time of a training step.
+* the median time of a training step;
+* with ``--tsne``, ``<out>/kernels_tsne.png``: a t-SNE of those per-image descriptors for every
+  configuration that has them (seed 0), coloured by class, titled with spread and k-NN purity.
 
 Configurations: ``static`` and ``<mode>_<n>x`` for mode ``kr``, ``odconv``, ``dyconv`` and any ``n``
 (``kr_convert(model, mode=..., kernel_num=n)``); ``<config>+anneal`` anneals the attention

@@ -49,6 +49,15 @@ median across-image spread 0.0003 → 0.034, test top-1 97.8 ± 0.4 (static 98.0
 read-out (1.4, 2) raised the spread (to 0.21 at 2) but made training unstable (one seed of three
 at 71 %); normalising with running statistics only (no batch noise) saturated most gates after a
 few large steps.
+
+Making trained layers more dynamic (2026-12-02, README "Dynamism"): from zero heads nothing in the
+task asks for sample-specific kernels, and from random heads training lowers their spread. Three
+opt-in mechanisms are here: random heads (:meth:`randomise_heads`, ``KRConfig.dynamic_init``) ramped
+in from an exact start (:meth:`ramp_in`, ``dynamic_warmup``); a training-only push keeping each
+logit's across-batch std above a floor (:class:`DynamismFloor`, ``dynamism_floor``); and bounded
+gates ``1 + r·tanh(z / 2r)`` (``gate_range``), without which pushed gates ran away to their ends in
+some seeds. ``gate_range=0.5, dynamism_floor=0.4`` made the layers ten times as dynamic at the static
+network's accuracy after 144 steps, but cost 4–13 points after 60: they stay off by default.
 """
 
 from __future__ import annotations
