@@ -304,8 +304,14 @@ class KernelGenerator(nn.Module):
         if not self.ramp_steps:
             return None
         step = self.ramp_step
-        recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
-        if recomputing:  # a checkpointed block re-run in backward: the scale of its first pass
+        # A training pass run inside backward is a checkpointed block's recomputation: its first
+        # pass was counted, so it takes that pass's step and does not count again.
+        recomputing = (
+            self.training
+            and not torch.compiler.is_compiling()
+            and torch._C._current_graph_task_id() != -1
+        )
+        if recomputing:
             step = step - 1
         factor = (step.to(torch.float32) / self.ramp_steps).clamp(max=1.0)
         if self.training and not recomputing:
