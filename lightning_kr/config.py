@@ -34,13 +34,18 @@ RUNTIME_OPTIONS = (
 )
 """Options a checkpoint may differ in: how per-sample kernels are applied, the initialisation of
 the candidates and of the attention heads (loaded weights replace both), the training-only push
-towards dynamic attentions, and the targets (which
-layers were converted is checked by name instead). Every other option must match."""
+towards dynamic attentions, and the targets (which layers were converted is checked by name
+instead). Every other option must match."""
 
 
 LEGACY_VALUES: dict[str, Any] = {"gate_range": 1.0}
 """Options added after checkpoints were written whose default is not what those checkpoints
 computed: a record without the option is read with this value."""
+
+
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool (which Python counts as an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def named_attention_norm(value: str | bool) -> str:
@@ -157,10 +162,7 @@ class KRConfig:
             else {kind: self.dynamic_init for kind in ATTENTION_KINDS}
         )
         unknown_kinds = sorted(set(scales) - set(ATTENTION_KINDS))
-        if unknown_kinds or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
-            for v in scales.values()
-        ):
+        if unknown_kinds or not all(is_number(v) and v >= 0 for v in scales.values()):
             raise ValueError(
                 f"dynamic_init must be a number >= 0 or a mapping from attention kinds "
                 f"{list(ATTENTION_KINDS)} to numbers >= 0; got {self.dynamic_init!r}"
@@ -168,7 +170,7 @@ class KRConfig:
         if isinstance(self.dynamic_init, Mapping):
             object.__setattr__(self, "dynamic_init", {k: float(v) for k, v in scales.items()})
         if (
-            isinstance(self.dynamic_warmup, bool)
+            not is_number(self.dynamic_warmup)
             or not isinstance(self.dynamic_warmup, int)
             or (self.dynamic_warmup < 0)
         ):
@@ -176,17 +178,13 @@ class KRConfig:
                 f"dynamic_warmup must be a whole number of training steps >= 0; "
                 f"got {self.dynamic_warmup!r}"
             )
-        if (
-            isinstance(self.gate_range, bool)
-            or not isinstance(self.gate_range, int | float)
-            or not (0 < self.gate_range <= 1)
-        ):
+        if not is_number(self.gate_range) or not 0 < self.gate_range <= 1:
             raise ValueError(
                 f"gate_range must be in (0, 1] (gates within 1 ± gate_range); got {self.gate_range!r}"
             )
         for name in ("dynamism_floor", "dynamism_weight"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            if not is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0 (0: off); got {value!r}")
         if self.attentions is not None:
             unknown = set(self.attentions) - set(ATTENTION_KINDS)

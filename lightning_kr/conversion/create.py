@@ -116,16 +116,13 @@ def create(module: nn.Module, config: KRConfig) -> nn.Module:
     if base is None:
         raise TypeError(f"no KR layer replaces {type(module).__name__}")
     layer = FACTORIES[base](module, config)
+    scales = config.dynamic_init_scales()
     for generator in layer.modules():
         if isinstance(generator, KernelGenerator):
             generator.gate_range = config.gate_range
             generator.dynamism_floor = config.dynamism_floor
             generator.dynamism_weight = config.dynamism_weight
-    scales = config.dynamic_init_scales()
-    if any(scales.values()) or config.dynamic_warmup:
-        for generator in layer.modules():
-            if isinstance(generator, KernelGenerator):
-                generator.randomise_heads(scales)
-                if config.dynamic_warmup:
-                    generator.ramp_in(config.dynamic_warmup)
+            generator.randomise_heads(scales)  # a no-op for scales of 0
+            if config.dynamic_warmup:
+                generator.ramp_in(config.dynamic_warmup)
     return layer
