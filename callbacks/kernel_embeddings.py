@@ -176,6 +176,15 @@ class KernelEmbeddings(Callback):
         self._seen = 0
 
     @property
+    def needs_logger(self) -> bool:
+        """Whether this callback writes only into the logger's folder (no ``dirpath`` given).
+
+        Without a logger it would write into ``default_root_dir``, the working folder by default:
+        :func:`~lightning_kr.cli.callbacks_for_flags` leaves it out of such runs, with a warning.
+        """
+        return self.dirpath is None
+
+    @property
     def wants_kernels(self) -> bool:
         return self.depths is not None or self.layers is not None
 

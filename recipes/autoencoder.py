@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 from torchvision.io import write_png
 
+from lightning_kr.cli import RecipeCLI, exit_on_user_error
 from lightning_kr.patch import LitAutoencoder, PatchAutoencoder, SampleImagesDataModule
 
 FIGURES = {
@@ -125,8 +126,9 @@ class AutoencoderReport(Callback):
     The figures are also kept in :attr:`figures` and the folder in :attr:`out_dir`.
     ``encoder.pt``, ``autoencoder.pt`` (state dicts) and ``report.json`` go to the run's folder: the
     logger's log directory, or without a logger ``<default_root_dir>/autoencoder_runs/<time>``
-    (never loose files in the working directory). Rank zero measures and writes; the folder is
-    resolved on every rank (``trainer.log_dir`` is a collective call).
+    (never loose files in the working directory); under ``fast_dev_run`` the table is printed and no
+    file is written (as Lightning writes no log and no checkpoint then). Rank zero measures and
+    writes; the folder is resolved on every rank (``trainer.log_dir`` is a collective call).
 
     Args:
         timing_size: side of the square image whose CPU reconstruction time is measured.
@@ -141,7 +143,7 @@ class AutoencoderReport(Callback):
         self.timing_repeats = timing_repeats
         self.dirpath = dirpath
         self.figures: dict[str, Any] = {}
-        self.out_dir: Path | None = None
+        self.out_dir: Path | None = None  # None: nothing written (fast_dev_run)
         self._fit_start = 0.0
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -155,12 +157,16 @@ class AutoencoderReport(Callback):
         if trainer.state.fn == "validate":
             self._report(trainer, pl_module, self.run_folder(trainer))
 
-    def run_folder(self, trainer: Trainer) -> Path:
-        """The folder of this run's files; call it on every rank (it broadcasts)."""
+    def run_folder(self, trainer: Trainer) -> Path | None:
+        """The folder of this run's files, ``None`` under ``fast_dev_run``; call it on every rank
+        (it broadcasts)."""
+        log_dir = trainer.log_dir if trainer.loggers else None  # every rank: a collective call
         if self.dirpath is not None:
             self.out_dir = Path(self.dirpath)
-        elif trainer.loggers:
-            self.out_dir = Path(trainer.log_dir)
+        elif trainer.fast_dev_run:
+            self.out_dir = None
+        elif log_dir:
+            self.out_dir = Path(log_dir)
         else:
             stamp = trainer.strategy.broadcast(time.strftime("%Y%m%d-%H%M%S"))
             self.out_dir = Path(trainer.default_root_dir) / "autoencoder_runs" / stamp
@@ -168,7 +174,7 @@ class AutoencoderReport(Callback):
 
     @rank_zero_only
     def _report(
-        self, trainer: Trainer, pl_module: LightningModule, out_dir: Path, **extra: float
+        self, trainer: Trainer, pl_module: LightningModule, out_dir: Path | None, **extra: float
     ) -> None:
         metrics = trainer.callback_metrics
         self.figures = {
@@ -181,9 +187,10 @@ class AutoencoderReport(Callback):
             **measure(pl_module.autoencoder, out_dir, self.timing_size, self.timing_repeats),
             **extra,
         }
-        (out_dir / "report.json").write_text(json.dumps(self.figures, indent=2))
         Console().print(report_table({self.figures["kind"]: self.figures}))
-        Console().print(f"report.json, encoder.pt, autoencoder.pt → {out_dir}")
+        if out_dir is not None:
+            (out_dir / "report.json").write_text(json.dumps(self.figures, indent=2))
+            Console().print(f"report.json, encoder.pt, autoencoder.pt → {out_dir}")
 
 
 class ReconstructionWriter(BasePredictionWriter):
@@ -210,8 +217,10 @@ class ReconstructionWriter(BasePredictionWriter):
             write_png(pixels, str(target))
 
 
-class AutoencoderCLI(LightningCLI):
-    """LightningCLI with the report and the PNG writer always on (``--report.*``, ``--writer.*``)."""
+class AutoencoderCLI(RecipeCLI):
+    """LightningCLI with the report and the PNG writer always on (``--report.*``, ``--writer.*``);
+    a :class:`~lightning_kr.cli.RecipeCLI`, so every standard Trainer flag runs or is refused with
+    a sentence that says what to change."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(AutoencoderReport, "report")
@@ -219,24 +228,29 @@ class AutoencoderCLI(LightningCLI):
 
 
 def main(args: ArgsType = None, run: bool = True) -> AutoencoderCLI:
-    """Run the recipe; ``args`` as on the command line, e.g. ``["fit", "--model.kind=static"]``."""
-    return AutoencoderCLI(
-        LitAutoencoder,
-        SampleImagesDataModule,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "max_epochs": 3,
-            "gradient_clip_val": 1.0,
-            "log_every_n_steps": 10,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "lightning_logs", "name": "autoencoder"},
+    """Run the recipe; ``args`` as on the command line, e.g. ``["fit", "--model.kind=static"]``.
+
+    A user's mistake ends it as a wrong option does: ``autoencoder.py: error: ...`` on stderr,
+    exit status 2, no traceback.
+    """
+    with exit_on_user_error("autoencoder.py"):
+        return AutoencoderCLI(
+            LitAutoencoder,
+            SampleImagesDataModule,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "max_epochs": 3,
+                "gradient_clip_val": 1.0,
+                "log_every_n_steps": 10,
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "lightning_logs", "name": "autoencoder"},
+                },
             },
-        },
-        args=args,
-        run=run,
-    )
+            args=args,
+            run=run,
+        )
 
 
 if __name__ == "__main__":

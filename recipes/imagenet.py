@@ -6,12 +6,18 @@ row of the poster and ``--data.root`` points at ImageNet::
 
     python recipes/imagenet.py fit                                   # embedded digits
     python recipes/imagenet.py fit --model.kr null                   # its static baseline
-    python recipes/imagenet.py fit --data.root /data/imagenet        # ImageNet, row resnet18_kr_1x
+    python recipes/imagenet.py fit --data.root /data/imagenet        # row resnet18_kr_1x, this machine
+    python recipes/imagenet.py fit --data.root /data/imagenet --trainer.devices 8   # its 8-GPU DDP run
     python recipes/imagenet.py fit --config recipes/configs/vit_tiny_kr_4x.yaml \\
         --data.root /data/imagenet                                    # another row (8 GPUs, DDP)
     python recipes/imagenet.py fit --config ... --ckpt_path last     # resume the latest run
     python recipes/imagenet.py validate --config ... --ckpt_path runs/.../checkpoints/last.ckpt
     python recipes/imagenet.py fit --print_config                    # the resolved configuration
+
+A bare ``--data.root`` keeps the row's hyper-parameters and runs on what the machine has
+(Lightning's ``auto`` accelerator and devices; the learning rate scaled by the global batch); the
+start-up banner says what was chosen. A user's mistake (a wrong root, GPUs that are not there, a
+flag combination Lightning refuses) ends the command with ``imagenet.py: error: ...``, no traceback.
 
 Defaults come from ``recipes/configs/default.yaml`` (the embedded run); a ``--config`` given on the
 command line overrides them. Every run writes TensorBoard logs, checkpoints (``last.ckpt`` and the
@@ -40,29 +46,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import (
-    ArgsType,
-    LightningArgumentParser,
-    LightningCLI,
-    SaveConfigCallback,
-)
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
 from lightning_kr.callbacks import FlopsOverhead, KernelEmbeddings, TemperatureAnnealing
 from lightning_kr.classifier import KRClassifier
+from lightning_kr.cli import RecipeCLI, exit_on_user_error
+from lightning_kr.cli.machine import MachineFit, fit_to_machine, given_keys
 from lightning_kr.data import SkippedImagesReport
-from lightning_kr.data.imagenet import class_folders
+from lightning_kr.data.folder_layout import class_folders
 from lightning_kr.layers import KRLayer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "configs"
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
 EXAMPLE_ROW = "recipes/configs/resnet18_kr_1x.yaml"
+ROW_GPU_HINT = (
+    "A row's lr is for its global batch (8 GPUs x data.batch_size): on N GPUs scale --model.lr by "
+    "N / 8; or give --data.root without --config, which fits the row to this machine."
+)
 
 
 class ThroughputMeter(Callback):
@@ -286,9 +294,17 @@ def _class_path(config: Namespace, key: str) -> str:
     return str(value.get("class_path", "")) if isinstance(value, Namespace) else ""
 
 
-class KRRecipeCLI(LightningCLI):
+class KRRecipeCLI(RecipeCLI):
     """LightningCLI with the KR callbacks on by default, data-driven class count and image size,
     resumable runs (``--ckpt_path last`` continues the latest run's folder) and a closing table.
+
+    A :class:`~lightning_kr.cli.RecipeCLI`: the callbacks give way to the Trainer's flags (no
+    checkpoint callback under ``--trainer.enable_checkpointing false``, no LR monitor without a
+    logger) and a GPU run on a machine without those GPUs is refused before anything is built.
+    ``fit --data.root R`` alone trains the poster's row :data:`EXAMPLE_ROW` on this machine
+    (:func:`~lightning_kr.cli.machine.fit_to_machine`: Lightning's ``auto`` accelerator and devices,
+    the row's hyper-parameters, the learning rate scaled by the global batch); its 8-GPU DDP
+    settings apply with ``--config`` or ``--trainer.devices 8``.
 
     Callback groups (each configurable, e.g. ``--temperature.epochs 10``): ``checkpoint``
     (ModelCheckpoint), ``flops`` (FlopsOverhead), ``temperature`` (TemperatureAnnealing),
@@ -325,16 +341,30 @@ class KRRecipeCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         self.implied_row: str | None = None
+        self.machine: MachineFit | None = None
         given = sys.argv[1:] if args is None else args
         if isinstance(given, list) and _root_without_config(given):
-            # `fit --data.root /imagenet` alone: the ImageNet counterpart of the embedded default.
+            # `fit --data.root /imagenet` alone: the ImageNet counterpart of the embedded default,
+            # on this machine.
             self.implied_row = EXAMPLE_ROW
-            self.config = parser.parse_args(
-                [given[0], f"--config={REPO / EXAMPLE_ROW}", *given[1:]]
-            )
+            row = [given[0], f"--config={REPO / EXAMPLE_ROW}"]
+            # Parsed twice: the settings this machine gets depend on the parsed batch size and
+            # devices, and go in as options, so that --print_config and config.yaml show them.
+            plain = [a for a in given[1:] if not str(a).startswith("--print_config")]
+            first = parser.parse_args([*row, *plain])[given[0]]
+            fitted = self._fit_to_machine(first, given_keys(given))
+            self.config = parser.parse_args([*row, *fitted, *given[1:]])
         else:
             super().parse_arguments(parser, args)
         self._announce()
+
+    def _fit_to_machine(self, config: Namespace, given: set[str]) -> list[str]:
+        """The options that fit :data:`EXAMPLE_ROW` to this machine (:attr:`machine` says why)."""
+        row = yaml.safe_load((REPO / EXAMPLE_ROW).read_text())
+        self.machine = fit_to_machine(row, config.as_dict(), given)
+        options = [f"--trainer.{key}={value}" for key, value in self.machine.trainer.items()]
+        options += [f"--data.init_args.{key}={value}" for key, value in self.machine.data.items()]
+        return [*options, f"--model.lr={self.machine.lr!r}"]
 
     @rank_zero_only
     def _announce(self) -> None:
@@ -359,17 +389,17 @@ class KRRecipeCLI(LightningCLI):
                 "1,437 / 360).\n"
                 "To train on ImageNet (root/train/<class>/*.JPEG, root/val/<class>/*.JPEG):\n"
                 "  python recipes/imagenet.py fit --data.root /path/to/imagenet\n"
-                f"trains the poster's row {EXAMPLE_ROW} (8 GPUs, DDP); any other row: "
-                "--config recipes/configs/<row>.yaml.",
+                f"trains the poster's row {EXAMPLE_ROW} on this machine (its 8-GPU DDP run: add "
+                "--trainer.devices 8); any other row: --config recipes/configs/<row>.yaml.",
                 markup=True,
                 highlight=False,
             )
         else:
-            if self.implied_row:
+            if self.implied_row and self.machine is not None:
                 console.print(
-                    f"--data.root without --config: training the poster's row {self.implied_row} "
-                    "(8 GPUs, global batch 256; on N GPUs add --trainer.devices N and scale "
-                    "--model.lr by N / 8)",
+                    f"--data.root without --config: the poster's row {self.implied_row} "
+                    f"{self.machine.describe()}. The row's 8-GPU DDP run: --trainer.devices 8 or "
+                    f"--config {self.implied_row}.",
                     highlight=False,
                 )
             root = config.data.init_args.get("root") if isinstance(config.data, Namespace) else None
@@ -382,9 +412,12 @@ class KRRecipeCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         subcommand = self.subcommand
         config = self.config.get(subcommand) if subcommand else self.config
-        if _class_path(config, "data").endswith("ImageNetDataModule"):
+        imagenet = _class_path(config, "data").endswith("ImageNetDataModule")
+        if imagenet:
             # Checked here too so that a wrong root reads as this error, not as jsonargparse's.
             class_folders(config.data.init_args.get("root"))
+        self.gpu_hint = ROW_GPU_HINT if imagenet else ""
+        super().before_instantiate_classes()  # GPUs asked for and not there: refused
         if config.get("ckpt_path"):
             pin_logger_version(config, str(config.ckpt_path))
         if config.get("cpu_threads"):
@@ -413,7 +446,8 @@ class KRRecipeCLI(LightningCLI):
 
     def after_predict(self) -> None:
         predictions = self.trainer.predict_loop.predictions
-        if not predictions or self.trainer.logger is None:
+        logger = self.trainer.logger
+        if not predictions or logger is None or not logger.log_dir:  # fast_dev_run: no folder
             return
         probabilities = torch.cat([p.detach().cpu() for p in predictions])  # (N, K)
         name = (
@@ -421,7 +455,7 @@ class KRRecipeCLI(LightningCLI):
             if self.trainer.world_size == 1
             else f"predictions_rank{self.trainer.global_rank}.pt"
         )
-        path = Path(self.trainer.logger.log_dir) / name
+        path = Path(logger.log_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(probabilities, path)
         rank_zero_only(Console(soft_wrap=True).print)(
@@ -488,22 +522,27 @@ def pin_logger_version(config: Namespace, ckpt_path: str) -> str | None:
 
 
 def main(args: ArgsType = None, run: bool = True) -> KRRecipeCLI:
-    """Run the recipe; ``args`` as on the command line, e.g. ``["fit", "--trainer.max_epochs=1"]``."""
+    """Run the recipe; ``args`` as on the command line, e.g. ``["fit", "--trainer.max_epochs=1"]``.
+
+    A user's mistake (a flag combination Lightning refuses, a data root that cannot be trained on)
+    ends it as a wrong option does: ``imagenet.py: error: ...`` on stderr, exit status 2.
+    """
     default_config = {"default_config_files": [str(DEFAULT_CONFIG)]}
-    return KRRecipeCLI(
-        KRClassifier,
-        LightningDataModule,
-        save_config_callback=StageConfigSaver,
-        save_config_kwargs={"overwrite": True},
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        auto_configure_optimizers=False,
-        parser_kwargs={
-            subcommand: default_config for subcommand in ("fit", "validate", "test", "predict")
-        },
-        args=args,
-        run=run,
-    )
+    with exit_on_user_error("imagenet.py"):
+        return KRRecipeCLI(
+            KRClassifier,
+            LightningDataModule,
+            save_config_callback=StageConfigSaver,
+            save_config_kwargs={"overwrite": True},
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            parser_kwargs={
+                subcommand: default_config for subcommand in ("fit", "validate", "test", "predict")
+            },
+            args=args,
+            run=run,
+        )
 
 
 if __name__ == "__main__":

@@ -155,9 +155,11 @@ def test_recipe_fit_then_validate_and_predict(recipe, tmp_path):
     assert reconstruction.shape == (3, 45, 70)
 
 
-def test_predict_without_images_says_how_to_pass_them(recipe, tmp_path):
-    with pytest.raises(MisconfigurationException, match="predict_paths"):
+def test_predict_without_images_says_how_to_pass_them(recipe, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
         recipe.main(["predict", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"])
+    assert exit_.value.code == 2
+    assert "autoencoder.py: error: " in capsys.readouterr().err
 
 
 def test_benchmark_prints_both_kinds(recipe, tmp_path):

@@ -226,8 +226,9 @@ def test_no_root_at_all_explains_the_layout() -> None:
 
 def test_class_folders_without_images_explain_the_layout(tmp_path) -> None:
     root = tmp_path / "imagenet"
-    (root / "train" / "a").mkdir(parents=True)
-    (root / "val" / "a").mkdir(parents=True)
+    for cls in ("a", "b"):
+        (root / "train" / cls).mkdir(parents=True)
+        (root / "val" / cls).mkdir(parents=True)
     data = ImageNetDataModule(str(root))
     with pytest.raises(FileNotFoundError, match="Expected the ImageFolder layout"):
         data.setup("fit")

@@ -206,10 +206,12 @@ def test_ddp_two_cpu_processes_on_the_embedded_default(tmp_path) -> None:
     assert (runs[0] / "kernel_embeddings").is_dir()
 
 
-def test_imagenet_row_without_data_explains_the_layout(tmp_path) -> None:
+def test_imagenet_row_without_data_explains_the_layout(tmp_path, capsys) -> None:
     row = REPO / "recipes" / "configs" / "resnet18_kr_1x.yaml"
-    with pytest.raises(FileNotFoundError, match="ImageFolder layout"):
+    with pytest.raises(SystemExit) as exit_:
         recipe.main(["fit", f"--config={row}", f"--data.root={tmp_path / 'nowhere'}"])
+    assert exit_.value.code == 2
+    assert "ImageFolder layout" in capsys.readouterr().err
 
 
 def test_data_root_alone_trains_the_first_row_on_a_folder_in_imagenet_layout(
@@ -245,9 +247,39 @@ def test_data_root_alone_trains_the_first_row_on_a_folder_in_imagenet_layout(
                 f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
             ]
         )
-    assert "--data.root without --config" in capsys.readouterr().out
+    banner = capsys.readouterr().out
+    assert "--data.root without --config" in banner and "global batch 5 (the row's: 256)" in banner
     assert cli.model.hparams.optimizer == "sgd" and cli.model.hparams.milestones == [30, 60, 90]
+    assert cli.model.hparams.lr == pytest.approx(0.1 * 5 / 256)  # scaled by the global batch
     assert cli.model.num_classes == 3 and cli.model.hparams.image_size == 32
     assert cli.results["acc_top1"] is not None and cli.results["acc_top5"] is None
     assert cli.trainer.callback_metrics["data/skipped_images_train"] == 1
     assert cli.trainer.global_step == 5  # 25 files (one unreadable) in 5 batches of 5
+
+
+def folder_in_imagenet_layout(root: Path) -> Path:
+    for cls in ("n01", "n02"):
+        for split in ("train", "val"):
+            path = root / split / cls / "0.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(path)
+    return root
+
+
+def test_a_bare_data_root_adapts_to_the_machine_and_devices_8_asks_for_the_row(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    root = folder_in_imagenet_layout(tmp_path / "imagenet")
+    config = printed_config(capsys, "fit", f"--data.root={root}")
+    trainer = config["trainer"]
+    assert (trainer["accelerator"], trainer["devices"], trainer["strategy"]) == ("auto",) * 3
+    assert trainer["precision"] == "32-true" and config["model"]["lr"] == pytest.approx(0.1 / 8)
+    assert config["model"]["optimizer"] == "sgd" and config["trainer"]["max_epochs"] == 100
+    row = printed_config(capsys, "fit", f"--data.root={root}", "--trainer.devices=8")
+    assert (row["trainer"]["strategy"], row["model"]["lr"]) == ("ddp", 0.1)
+    with pytest.raises(SystemExit) as exit_:
+        recipe.main(["fit", f"--data.root={root}", "--trainer.devices=8"])
+    assert exit_.value.code == 2
+    assert "this machine has none: pass --trainer.accelerator auto" in capsys.readouterr().err

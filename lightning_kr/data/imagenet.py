@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,21 +28,16 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
+
+from lightning_kr.data.folder_layout import LAYOUT, DataRootError, class_folders, image_files
+from lightning_kr.data.rgb import load_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 READ_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError)
 SHOWN_PATHS = 5
-
-LAYOUT = """Expected the ImageFolder layout of ILSVRC-2012 (one folder per class, same names in both):
-  {root}/train/n01440764/n01440764_10026.JPEG
-  {root}/train/n01443537/...                      (1,000 class folders)
-  {root}/val/n01440764/ILSVRC2012_val_00000293.JPEG
-  {root}/val/n01443537/...
-ImageNet's validation images come in one flat folder: sort them into class folders first, e.g. with
-pytorch/examples' imagenet/extract_ILSVRC.sh. Without a root, `python recipes/imagenet.py fit`
-trains on the embedded digits instead."""
 
 
 class SkippedImage(NamedTuple):
@@ -67,8 +63,17 @@ class SkipUnreadableImageFolder(ImageFolder):
         root: folder with one sub-folder per class.
         transform: applied to the PIL image.
         classes: the class names, in label order, to use instead of the sub-folders of ``root``
-            (so that a validation folder gets the labels of the training folder). Missing class
-            folders are allowed then; unknown ones are an error.
+            (so that a validation folder gets the labels of the training folder). Missing or empty
+            class folders are allowed then; unknown ones are an error.
+
+    Images in any colour mode are read as 8-bit RGB (:func:`~lightning_kr.data.rgb.load_rgb`). The
+    files are listed by :func:`~lightning_kr.data.folder_layout.image_files`: a symbolic link loop or
+    a directory named like an image is refused or passed over when the data set is built, not met
+    during training.
+
+    Raises:
+        DataRootError: (without ``classes``) a class folder holds no image; a class folder the
+            training folder lacks; a symbolic link that loops or leads nowhere.
 
     Shapes: item ``(transform(image), label)`` or ``SkippedImage(path, error)``.
     """
@@ -77,7 +82,9 @@ class SkipUnreadableImageFolder(ImageFolder):
         self, root: str | Path, transform: Any = None, classes: list[str] | None = None
     ) -> None:
         self._given_classes = classes
-        super().__init__(root, transform=transform, allow_empty=classes is not None)
+        super().__init__(
+            root, transform=transform, loader=load_rgb, allow_empty=classes is not None
+        )
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         if self._given_classes is None:
@@ -85,10 +92,47 @@ class SkipUnreadableImageFolder(ImageFolder):
         found = {entry.name for entry in os.scandir(directory) if entry.is_dir()}
         unknown = sorted(found - set(self._given_classes))
         if unknown:
-            raise FileNotFoundError(
-                f"{directory} has class folders that the training folder lacks: {unknown[:5]}"
+            raise DataRootError(
+                f"{directory} has class folders that the training folder lacks ({', '.join(unknown[:5])}"
+                "): give both the same class folders (val may leave some out)."
             )
         return list(self._given_classes), {c: i for i, c in enumerate(self._given_classes)}
+
+    @staticmethod
+    def make_dataset(
+        directory: str | Path,
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        """``(path, label)`` of every image, class by class, as ``ImageFolder`` lists them, with
+        the checks of :func:`~lightning_kr.data.folder_layout.image_files`."""
+        extensions = extensions or IMG_EXTENSIONS
+        is_image = is_valid_file or (lambda path: path.lower().endswith(extensions))
+        samples: list[tuple[str, int]] = []
+        empty: list[str] = []
+        for name in sorted(class_to_idx):
+            folder = Path(directory) / name
+            if not folder.is_dir():
+                continue
+            files = image_files(folder, is_image)
+            if not files:
+                empty.append(str(folder))
+            samples += [(path, class_to_idx[name]) for path in files]
+        if not allow_empty and not samples:
+            layout = LAYOUT.format(root=Path(directory).parent)
+            raise DataRootError(
+                f"{directory} holds no images in its class folders ({', '.join(extensions)}). "
+                f"{layout}"
+            )
+        if not allow_empty and empty:
+            raise DataRootError(
+                f"{len(empty)} class folder(s) hold no images ({', '.join(empty[:5])}"
+                f"{', ...' if len(empty) > 5 else ''}): put the class's images ({', '.join(extensions)}) "
+                "in each, or remove it."
+            )
+        return samples
 
     def __getitem__(self, index: int) -> tuple[Any, int] | SkippedImage:
         path, target = self.samples[index]
@@ -161,28 +205,6 @@ def eval_transform(
     )
 
 
-def class_folders(root: str | Path | None) -> list[str]:
-    """The class names of ``root/train``, after checking the layout of ``root``.
-
-    Raises:
-        FileNotFoundError: with the expected layout, if ``root`` is not given, does not exist, lacks
-            ``train`` or ``val``, or ``train`` has no class folder.
-    """
-    if root is None:
-        raise FileNotFoundError("ImageNetDataModule needs root=... " + LAYOUT.format(root="ROOT"))
-    root = Path(root).expanduser()
-    layout = LAYOUT.format(root=root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"ImageNet root {root} does not exist or is not a folder. {layout}")
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise FileNotFoundError(f"ImageNet root {root} has no '{split}' folder. {layout}")
-    classes = sorted(entry.name for entry in os.scandir(root / "train") if entry.is_dir())
-    if not classes:
-        raise FileNotFoundError(f"{root / 'train'} is empty: it has no class folders. {layout}")
-    return classes
-
-
 class ImageNetDataModule(LightningDataModule):
     """ImageNet (or any data set in the same layout) from ``root/train`` and ``root/val``.
 
@@ -190,7 +212,10 @@ class ImageNetDataModule(LightningDataModule):
     RandAugment, random erasing and Mixup / CutMix). Evaluation: resize the short side to
     ``resize_size``, centre crop ``image_size``. ``test`` and ``predict`` use ``root/val``.
     Unreadable images are skipped and reported (see the module docstring). The layout is checked
-    when the data module is built, so a wrong root fails at once, with the expected layout.
+    when the data module is built (a wrong root, a single class, val classes that train lacks) and
+    the files when it is set up (empty class folders, link loops), so a data root that cannot be
+    trained on fails before training, with a :class:`DataRootError` that names the path and the fix.
+    Images in any colour mode (grey, 16-bit, CMYK, RGBA, palette) are read as RGB.
 
     Args:
         root: folder holding ``train/<class>/*`` and ``val/<class>/*``.
@@ -253,30 +278,30 @@ class ImageNetDataModule(LightningDataModule):
         self.skipped: dict[str, list[tuple[str, str]]] = defaultdict(list)
 
     def setup(self, stage: str) -> None:
-        layout = LAYOUT.format(root=self.root)
-        try:
-            if stage == "fit" and self.train_set is None:
-                self.train_set = SkipUnreadableImageFolder(
-                    self.root / "train", self.train_transform
-                )
-            if self.val_set is None:
-                self.val_set = SkipUnreadableImageFolder(
-                    self.root / "val", self.eval_transform, classes=self.classes
-                )
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"{error}. {layout}") from error
-        if self.val_set is not None and len(self.val_set) == 0:
-            raise FileNotFoundError(f"{self.root / 'val'} holds no images. {layout}")
+        if stage == "fit" and self.train_set is None:
+            self.train_set = SkipUnreadableImageFolder(self.root / "train", self.train_transform)
+        if self.val_set is None:
+            self.val_set = SkipUnreadableImageFolder(
+                self.root / "val", self.eval_transform, classes=self.classes
+            )
+        if len(self.val_set) == 0:
+            raise DataRootError(
+                f"{self.root / 'val'} holds no images: put each class's validation images in "
+                f"val/<class>/. {LAYOUT.format(root=self.root)}"
+            )
 
     def _loader(self, dataset: SkipUnreadableImageFolder | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking ImageNetDataModule for a dataloader")
         workers = self.hparams.num_workers
+        # A last partial training batch is dropped (BatchNorm and the throughput figures want full
+        # ones), unless the set is too small for one full batch per process: a small folder trains.
+        processes = self.trainer.world_size if self.trainer is not None else 1
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
-            drop_last=train,
+            drop_last=train and len(dataset) >= self.batch_size * processes,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=workers > 0,

@@ -1,0 +1,34 @@
+"""``exit_on_user_error``: a user's mistake ends the command with one message, not a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_kr.data.folder_layout import DataRootError
+
+USER_ERRORS: tuple[type[Exception], ...] = (MisconfigurationException, DataRootError)
+
+
+@contextmanager
+def exit_on_user_error(prog: str) -> Iterator[None]:
+    """Print a user's mistake as ``<prog>: error: <message>`` on stderr and exit with status 2.
+
+    What argparse does for a wrong option, for the mistakes found later: a flag combination
+    Lightning refuses (``MisconfigurationException``, whose message says what to change) and a
+    data root that cannot be trained on (:class:`~lightning_kr.data.DataRootError`). Any other
+    exception is a bug and keeps its traceback.
+
+    Example::
+
+        >>> with exit_on_user_error("imagenet.py"):  # doctest: +SKIP
+        ...     main()
+    """
+    try:
+        yield
+    except USER_ERRORS as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
