@@ -101,7 +101,12 @@ def image_files(folder: str | Path, is_image: Callable[[str], bool] | None = Non
                 "read."
             ) from error
         for entry in entries:
-            if entry.is_dir():
+            try:
+                is_dir = entry.is_dir()
+                is_file = not is_dir and entry.is_file()
+            except OSError:  # a symbolic link to itself, or in a cycle of links: ELOOP
+                is_dir = is_file = False
+            if is_dir:
                 target = os.path.realpath(entry.path)
                 if target in above:
                     raise DataRootError(
@@ -110,7 +115,7 @@ def image_files(folder: str | Path, is_image: Callable[[str], bool] | None = Non
                     )
                 pending.append((entry.path, (*above, target)))
             elif keep(entry.path):
-                if entry.is_file():
+                if is_file:
                     found.append(entry.path)
                 elif entry.is_symlink() and not os.path.exists(entry.path):
                     raise DataRootError(
