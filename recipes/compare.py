@@ -536,4 +536,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] | None = None
 
 
 if __name__ == "__main__":
-    main()
+    from lightning_kr.cli import exit_on_user_error
+
+    with exit_on_user_error("compare.py"):  # a wrong --data-root: one line, no traceback
+        main()
