@@ -6,6 +6,7 @@ single-device and multi-process DDP training alike.
 """
 
 from .attention_monitor import AttentionMonitor
+from .finite_loss import NonFiniteLossError, StopOnNonFiniteLoss
 from .flops_overhead import FlopsOverhead
 from .kernel_embeddings import KernelEmbeddings
 from .mac_count import MacCount, MacOverhead, count_macs, count_overhead
@@ -17,6 +18,8 @@ __all__ = [
     "KernelEmbeddings",
     "MacCount",
     "MacOverhead",
+    "NonFiniteLossError",
+    "StopOnNonFiniteLoss",
     "TemperatureAnnealing",
     "count_macs",
     "count_overhead",

@@ -55,7 +55,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from lightning_kr.callbacks import FlopsOverhead, KernelEmbeddings, TemperatureAnnealing
+from lightning_kr.callbacks import (
+    FlopsOverhead,
+    KernelEmbeddings,
+    NonFiniteLossError,
+    StopOnNonFiniteLoss,
+    TemperatureAnnealing,
+)
 from lightning_kr.classifier import KRClassifier
 from lightning_kr.cli import RecipeCLI, exit_on_user_error
 from lightning_kr.cli.machine import MachineFit, fit_to_machine, given_keys
@@ -433,7 +439,8 @@ class KRRecipeCLI(RecipeCLI):
             )
         self.trainer.callbacks = kept
         if self.subcommand == "fit":
-            self.trainer.callbacks.append(ThroughputMeter())
+            # A NaN loss stops the run before the weights, or any checkpoint, take it.
+            self.trainer.callbacks += [ThroughputMeter(), StopOnNonFiniteLoss()]
 
     def after_fit(self) -> None:
         self._report("fit")
@@ -525,10 +532,11 @@ def main(args: ArgsType = None, run: bool = True) -> KRRecipeCLI:
     """Run the recipe; ``args`` as on the command line, e.g. ``["fit", "--trainer.max_epochs=1"]``.
 
     A user's mistake (a flag combination Lightning refuses, a data root that cannot be trained on)
-    ends it as a wrong option does: ``imagenet.py: error: ...`` on stderr, exit status 2.
+    ends it as a wrong option does: ``imagenet.py: error: ...`` on stderr, exit status 2; so does a
+    non-finite training loss (:class:`~lightning_kr.callbacks.StopOnNonFiniteLoss`).
     """
     default_config = {"default_config_files": [str(DEFAULT_CONFIG)]}
-    with exit_on_user_error("imagenet.py"):
+    with exit_on_user_error("imagenet.py", also=(NonFiniteLossError,)):
         return KRRecipeCLI(
             KRClassifier,
             LightningDataModule,

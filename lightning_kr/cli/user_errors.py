@@ -14,13 +14,14 @@ USER_ERRORS: tuple[type[Exception], ...] = (MisconfigurationException, DataRootE
 
 
 @contextmanager
-def exit_on_user_error(prog: str) -> Iterator[None]:
+def exit_on_user_error(prog: str, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
     """Print a user's mistake as ``<prog>: error: <message>`` on stderr and exit with status 2.
 
     What argparse does for a wrong option, for the mistakes found later: a flag combination
     Lightning refuses (``MisconfigurationException``, whose message says what to change) and a
     data root that cannot be trained on (:class:`~lightning_kr.data.DataRootError`). Any other
-    exception is a bug and keeps its traceback.
+    exception is a bug and keeps its traceback, but those of ``also`` (a recipe's own errors whose
+    message says what to do, e.g. a non-finite training loss).
 
     Example::
 
@@ -29,6 +30,6 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
     """
     try:
         yield
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, *also) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
