@@ -6,6 +6,7 @@ single-device and multi-process DDP training alike.
 """
 
 from .attention_monitor import AttentionMonitor
+from .checkpoint_on_sigterm import CheckpointOnSigterm
 from .finite_loss import NonFiniteLossError, StopOnNonFiniteLoss
 from .flops_overhead import FlopsOverhead
 from .kernel_embeddings import KernelEmbeddings
@@ -14,6 +15,7 @@ from .temperature_annealing import TemperatureAnnealing
 
 __all__ = [
     "AttentionMonitor",
+    "CheckpointOnSigterm",
     "FlopsOverhead",
     "KernelEmbeddings",
     "MacCount",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from functools import partial
@@ -17,6 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_kr.checkpoint_file import check_checkpoint_file
 from lightning_kr.config import KRConfig
 from lightning_kr.convert import kr_convert
 from lightning_kr.kr_model import KRModel
@@ -181,6 +183,15 @@ class KRClassifier(LightningModule):
         self.train_metrics = self._metrics("train")
         self.val_metrics = self._metrics("val")
         self.test_metrics = self._metrics("test")
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """``LightningModule.load_from_checkpoint``; a local file truncated or corrupt on disk is
+        refused with :class:`~lightning_kr.checkpoint_file.CheckpointFileError` before anything is
+        read from it (``torch.load`` would fail obscurely or load a damaged weight silently)."""
+        if isinstance(checkpoint_path, str | os.PathLike):
+            check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def _metrics(self, stage: str) -> MetricCollection:
         metrics = {"acc_top1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
