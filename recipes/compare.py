@@ -3,7 +3,7 @@
     python recipes/compare.py                                  # digits, resnet18, 7 configurations, 3 seeds
     python recipes/compare.py --configs static kr_1x odconv_1x --seeds 5
     python recipes/compare.py --tsne                           # + t-SNE of the per-image kernels
-    python recipes/compare.py --kr gate_range=0.5 dynamism_floor=0.4   # KR options for every config
+    python recipes/compare.py --kr dynamism_floor=0 gate_range=1     # KR options for every config
     python recipes/compare.py --data-root /data/imagenet --train-per-class 20 --image-size 64
 
 A plain PyTorch loop (no Lightning, no callback, no special learning rate): what a user who calls

@@ -9,10 +9,10 @@ from torchvision.models import resnet18
 from lightning_kr import attention_statistics, kr_convert
 from lightning_kr.diagnostics import kernel_generators
 from lightning_kr.layers import KRConv2d
-from lightning_kr.layers.kernel_generator import DynamismFloor
+from lightning_kr.layers.kernel_generator import DynamismFloor, KernelGenerator
 
 
-def test_forward_is_the_identity_and_backward_adds_the_floor_term():
+def test_forward_is_the_identity_and_backward_is_the_floor_term_alone():
     torch.manual_seed(0)
     logits = torch.randn(8, 5) * torch.tensor([0.01, 0.1, 0.3, 0.6, 1.0])  # some below the floor
     upstream = torch.randn(8, 5)
@@ -20,15 +20,44 @@ def test_forward_is_the_identity_and_backward_adds_the_floor_term():
     pushed = logits.clone().requires_grad_()
     out = DynamismFloor.apply(pushed, 0.5, 0.05)
     torch.testing.assert_close(out, logits)
-    out.backward(upstream)
+    out.backward(upstream)  # ignored: the generator adds the push beside the task's gradient
 
     explicit = logits.clone().requires_grad_()
     std = (explicit - explicit.mean(0)).square().mean(0).add(1e-6).sqrt()
-    loss = (explicit * upstream).sum() + 0.05 * (0.5 - std).clamp_min(0).sum()
-    loss.backward()
+    (0.05 * (0.5 - std).clamp_min(0).sum()).backward()
     torch.testing.assert_close(pushed.grad, explicit.grad)
-    # Entries already varying by more than the floor get the upstream gradient only.
-    torch.testing.assert_close(pushed.grad[:, 4], upstream[:, 4])
+    # Entries already varying by more than the floor are not pushed.
+    assert pushed.grad[:, 4].abs().max() == 0
+
+
+def test_the_push_reaches_the_generator_and_not_its_inputs():
+    """The task's gradient flows to ``h`` (the backbone) and ``d`` (earlier layers) unchanged; the
+    push changes the gradient of the generator's own weights only. Forward values are the same."""
+    torch.manual_seed(0)
+    generator = KernelGenerator(32, 64, 9, kernel_num=4, repr_dim=8).train()
+    with torch.no_grad():
+        for head in generator.heads.values():
+            head.weight.normal_(0, 0.1)
+    h = torch.randn(16, 32, requires_grad=True)
+    d = torch.randn(16, 8, requires_grad=True)
+
+    def run(floor: float) -> tuple[torch.Tensor, ...]:
+        generator.dynamism_floor = floor
+        generator.zero_grad(set_to_none=True)
+        h.grad = d.grad = None
+        generator.norm.reset_running_stats()
+        out = generator(h, d)
+        assert out.repr_out is not None and out.kernel is not None
+        loss = out.channel.sum() + out.filter.square().sum() + out.kernel[:, 0].sum()
+        (loss + out.repr_out.sum()).backward()
+        statistics = generator.norm.running_mean.clone(), generator.norm.num_batches_tracked.clone()
+        return out.channel.detach(), h.grad, d.grad, generator.fuse.weight.grad, *statistics
+
+    pushed, plain = run(0.4), run(0.0)
+    assert torch.equal(pushed[0], plain[0])  # forward values
+    assert torch.equal(pushed[1], plain[1]) and torch.equal(pushed[2], plain[2])  # h, d
+    assert not torch.allclose(pushed[3], plain[3])  # the generator's weights
+    assert torch.equal(pushed[4], plain[4]) and pushed[5] == 1  # running statistics updated once
 
 
 def test_a_layer_pushes_only_in_training_with_more_than_one_sample():
@@ -55,7 +84,7 @@ def test_a_layer_pushes_only_in_training_with_more_than_one_sample():
 
 def test_kr_convert_sets_the_floor_of_every_generator():
     default = kernel_generators(kr_convert(resnet18(num_classes=4), input_size=32))
-    assert {(g.dynamism_floor, g.dynamism_weight) for g in default.values()} == {(0.0, 0.05)}
+    assert {(g.dynamism_floor, g.dynamism_weight) for g in default.values()} == {(0.4, 0.02)}
     pushed = kr_convert(resnet18(num_classes=4), input_size=32, dynamism_floor=0.4)
     assert {g.dynamism_floor for g in kernel_generators(pushed).values()} == {0.4}
     with pytest.raises(ValueError, match="dynamism_floor must be a number >= 0"):
@@ -66,6 +95,8 @@ def test_gate_range_bounds_the_gates_and_keeps_the_neutral_slope():
     torch.manual_seed(0)
     layer = KRConv2d(4, 4, 3, padding=1, repr_dim=0)
     generator = layer.generator
+    assert generator.gate_range == 0.75  # the default
+    generator.gate_range = 1.0
     logits = torch.linspace(-30, 30, 601).unsqueeze(0)
     torch.testing.assert_close(generator._gates(logits), 2 * torch.sigmoid(logits))  # r = 1
     generator.gate_range = 0.5

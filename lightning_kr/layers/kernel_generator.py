@@ -50,14 +50,16 @@ read-out (1.4, 2) raised the spread (to 0.21 at 2) but made training unstable (o
 at 71 %); normalising with running statistics only (no batch noise) saturated most gates after a
 few large steps.
 
-Making trained layers more dynamic (2026-12-02, README "Dynamism"): from zero heads nothing in the
-task asks for sample-specific kernels, and from random heads training lowers their spread. Three
-opt-in mechanisms are here: random heads (:meth:`randomise_heads`, ``KRConfig.dynamic_init``) ramped
-in from an exact start (:meth:`ramp_in`, ``dynamic_warmup``); a training-only push keeping each
-logit's across-batch std above a floor (:class:`DynamismFloor`, ``dynamism_floor``); and bounded
-gates ``1 + r·tanh(z / 2r)`` (``gate_range``), without which pushed gates ran away to their ends in
-some seeds. ``gate_range=0.5, dynamism_floor=0.4`` made the layers ten times as dynamic at the static
-network's accuracy after 144 steps, but cost 4–13 points after 60: they stay off by default.
+Making trained layers dynamic (2026-12-02, README "Dynamism"): from zero heads nothing in the task
+asks for sample-specific kernels (trained spread ~0.01), and from random heads training lowers their
+spread. Three mechanisms are here: a training-only push keeping each logit's across-batch std above
+a floor (:class:`DynamismFloor`, ``dynamism_floor``: on by default, 0.4 at weight 0.02), whose
+gradient reaches only the generator's own weights; bounded gates ``1 + r·tanh(z / 2r)``
+(``gate_range``, default 0.75), without which pushed gates ran away to their ends in some seeds; and,
+opt-in, random heads (:meth:`randomise_heads`, ``KRConfig.dynamic_init``) ramped in from an exact
+start (:meth:`ramp_in`, ``dynamic_warmup``). The push first also reached the backbone through
+``h = GAP(x)`` and ``d``: it then cost accuracy (−0.5 points at weight 0.05) for a median spread of
+0.14; kept to the generator, the same floor gives 0.2–0.24 at the static network's accuracy.
 """
 
 from __future__ import annotations
@@ -73,30 +75,31 @@ ATTENTION_KINDS = ("channel", "filter", "spatial", "kernel")
 NORMS = ("batch", "layer", "none")
 BATCH_NORM_EPS = 1.0
 """The attention branch's BatchNorm adds this to the variance (ODConv: 1e-5): see the module doc."""
-GATE_RANGE = 1.0
-"""Default ``KRConfig.gate_range``: neutral gates ``2·sigmoid``, within ``(0, 2)`` (see ``_gates``);
-0.5 bounds them to ``1 ± 0.5``, which keeps gates pushed towards dynamism from running away."""
-DYNAMISM_FLOOR = 0.0
+GATE_RANGE = 0.75
+"""Default ``KRConfig.gate_range``: neutral gates within ``1 ± 0.75`` (see ``_gates``); 1 is
+``2·sigmoid``, within ``(0, 2)``, where gates pushed towards dynamism ran away to their ends."""
+DYNAMISM_FLOOR = 0.4
 """Default across-batch standard deviation below which training pushes each attention logit up
-(``KRConfig.dynamism_floor``): 0, off. With ``gate_range = 0.5``, 0.4 makes trained layers
-10–15 times as dynamic (median spread 0.10–0.18) at a cost in accuracy that grows as runs get
-shorter: see README "Dynamism" (2026-12-02)."""
-DYNAMISM_WEIGHT = 0.05
+(``KRConfig.dynamism_floor``; 0: off): see :class:`DynamismFloor` and README "Dynamism"."""
+DYNAMISM_WEIGHT = 0.02
 """Default weight of that push (``KRConfig.dynamism_weight``)."""
 
 
 class DynamismFloor(torch.autograd.Function):
-    """Identity in the forward pass; the backward pass adds the gradient of
-    ``weight · Σ_j max(0, floor − std_b(z_j))`` to the logits' gradient, as if that term were part
-    of the loss: every attention logit whose standard deviation across the batch's samples is below
-    ``floor`` is pushed to vary more, in the directions of variation it already has.
+    """The push towards dynamic attentions: identity in the forward pass; the backward pass ignores
+    the gradient it receives and returns the gradient of ``weight · Σ_j max(0, floor − std_b(z_j))``:
+    every attention logit whose standard deviation across the batch's samples is below ``floor`` is
+    pushed to vary more, in the directions of variation it already has.
 
-    Shapes: ``logits`` (B, E) → (B, E). The forward values are untouched, so a converted model still
-    computes the static function at step 0, exports and evaluates as before; only training sees it,
-    in any loop (no loss term to add, no callback). Zero-initialised heads give logits that do not
-    vary at all and receive no push; the first steps of the task's own gradient make them vary a
-    little, and the push then grows that variation to the floor, which the task's loss can steer
-    (which images get which kernel) but not erase.
+    Shapes: ``logits`` (B, E) → (B, E). :class:`KernelGenerator` applies it to its logits recomputed
+    from detached inputs and adds ``pushed - pushed.detach()`` (zeros) to the real logits, so the
+    push reaches the generator's own weights and nothing upstream: the backbone features ``h`` and
+    the representation ``d`` receive only the task's gradient. Forward values are untouched (the
+    static function at step 0, evaluation and export unchanged), in any training loop (no loss term
+    to add, no callback). Zero-initialised heads give logits that do not vary at all and receive no
+    push; the first steps of the task's own gradient make them vary a little, and the push then
+    grows that variation to the floor, which the task's loss can steer (which images get which
+    kernel) but not erase.
     """
 
     @staticmethod
@@ -113,7 +116,7 @@ class DynamismFloor(torch.autograd.Function):
         below = (std < ctx.floor).to(logits.dtype)
         # d/dz of -std_j = -(z - mean_j) / (B · std_j)
         push = centred * (below / (logits.shape[0] * std))
-        return grad - ctx.weight * push, None, None
+        return -ctx.weight * push, None, None
 
 
 @dataclass
@@ -340,6 +343,17 @@ class KernelGenerator(nn.Module):
         ``d`` nothing reads: its KRG would receive no gradient)."""
         self.represent = None
 
+    def _hidden(self, fused_in: Tensor, update_statistics: bool = True) -> Tensor:
+        """``relu(norm(fuse(fused_in)))``: (B, D + C_in) → (B, hidden); ``update_statistics=False``
+        leaves a BatchNorm's running statistics as they are (the push's recomputation)."""
+        fused = self.fuse(fused_in)
+        norm = self.norm
+        if isinstance(norm, nn.BatchNorm1d) and self.training and not update_statistics:
+            fused = F.batch_norm(fused, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
+        elif norm is not None:
+            fused = self._normalize(fused)
+        return F.relu(fused)
+
     def _normalize(self, fused: Tensor) -> Tensor:
         """The norm of the hidden vector (B, hidden); a BatchNorm normalises one sample in training
         as in eval (running statistics, not updated), so batch size 1 trains."""
@@ -358,6 +372,26 @@ class KernelGenerator(nn.Module):
             )
         return norm(fused)
 
+    def _pushes_dynamism(self, logits: Tensor) -> bool:
+        return (
+            self.training
+            and self.dynamism_floor > 0
+            and self.dynamism_weight > 0
+            and logits.shape[0] > 1
+            and torch.is_grad_enabled()
+        )
+
+    def _dynamism_push(
+        self, fused_in: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | float
+    ) -> Tensor:
+        """Zeros (B, E) whose gradient is :class:`DynamismFloor`'s push on the logits, reaching only
+        this generator's weights: the logits are recomputed from ``fused_in`` (B, D + C_in) detached,
+        with the batch's statistics (the running ones are not updated twice)."""
+        hidden = self._hidden(fused_in.detach(), update_statistics=False)
+        logits = F.linear(hidden, weight, bias) * scale
+        pushed = DynamismFloor.apply(logits, self.dynamism_floor, self.dynamism_weight)
+        return pushed - pushed.detach()
+
     def forward(self, h: Tensor, d: Tensor | None) -> Attentions:
         if self.uses_repr:
             if d is None:
@@ -365,30 +399,22 @@ class KernelGenerator(nn.Module):
             fused_in = torch.cat([d.to(h.dtype), h], dim=1)
         else:
             fused_in = h
-        fused = self.fuse(fused_in)
-        if self.norm is not None:
-            fused = self._normalize(fused)
-        fused = F.relu(fused)
+        fused = self._hidden(fused_in)
         # All heads as one matrix product, one temperature division and one sigmoid (a batch-1
         # forward is bound by the number of small operators); the heads stay separate parameters.
         heads = list(self.heads.values())
         if heads:
-            logits = F.linear(
-                fused,
-                torch.cat([head.weight for head in heads]) if len(heads) > 1 else heads[0].weight,
-                torch.cat([head.bias for head in heads]) if len(heads) > 1 else heads[0].bias,
-            ) * (self.readout / self.temperature)
+            weight = (
+                torch.cat([head.weight for head in heads]) if len(heads) > 1 else heads[0].weight
+            )
+            bias = torch.cat([head.bias for head in heads]) if len(heads) > 1 else heads[0].bias
+            scale: Tensor | float = self.readout / self.temperature
             ramp = self._ramp()
             if ramp is not None:
-                logits = logits * ramp.to(logits.dtype)
-            if (
-                self.training
-                and self.dynamism_floor > 0
-                and self.dynamism_weight > 0
-                and logits.shape[0] > 1
-                and logits.requires_grad
-            ):
-                logits = DynamismFloor.apply(logits, self.dynamism_floor, self.dynamism_weight)
+                scale = scale * ramp.to(fused.dtype)
+            logits = F.linear(fused, weight, bias) * scale
+            if self._pushes_dynamism(logits):
+                logits = logits + self._dynamism_push(fused_in, weight, bias, scale)
         else:  # e.g. DyConv at n = 1: no attention at all, the layer is its static convolution
             logits = fused.new_zeros(fused.shape[0], 0)
         kinds = list(self.heads.keys())
