@@ -71,7 +71,7 @@ class KRConfig:
         fft_size: ``f`` of the FFT stem (lowest ``f × f`` frequencies; videos: up to ``f``
             temporal frequencies too).
         preserve_function: start as the static model (default): neutral attentions (gates
-            ``2·sigmoid`` of zero-initialised logits, uniform kernel-number attention) and a zero KR
+            ``1 + r·tanh(z / 2r)`` of zero-initialised logits, uniform kernel-number attention) and a zero KR
             head, so the converted model computes the original function at initialisation (up to
             float rounding) and trains from scratch at least as fast as it. False: ODConv's
             initialisation (random attention heads, sigmoid gates in (0, 1), random KR head).

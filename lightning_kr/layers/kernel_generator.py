@@ -24,10 +24,11 @@ Choices the poster leaves open, fixed here:
   costs ``O(D · (hidden + 2·bins + k² + n))`` whatever the width of the layer. ``summary="full"``
   concatenates the whole vectors ``[a_c, a_f, a_s, a_kn]`` (a larger ``K`` for wide layers).
 * ``K`` is ``Linear → LayerNorm``; the LayerNorm keeps ``d`` on one scale through deep chains.
-* Attentions are ``gate_scale · sigmoid(logit / T)`` (kernel-number attention: ``softmax(logit / T)``).
-  ``gate_scale = 1`` is ODConv; ``gate_scale = 2`` with zero-initialised attention logits makes every
-  attention exactly neutral at initialisation (the default: a converted model starts as the static
-  one and its gates can both damp and amplify).
+* Gates are neutral, ``1 + r·tanh(z / 2r)`` of ``z = logit / T`` with ``r = gate_range`` (0.75; 1 is
+  ``2·sigmoid(z)``), or ODConv's ``sigmoid(z)`` (``gate_scale = 1``); the kernel-number attention is
+  ``softmax(logit / T)``. Neutral gates with zero-initialised attention logits make every attention
+  exactly neutral at initialisation (the default: a converted model starts as the static one and
+  its gates can both damp and amplify).
 * The logits are read out at 1 after the BatchNorm (or none); after the LayerNorm at
   ``1/√hidden`` (``logit = head(h~) / √hidden``), which kept the attentions static: see below.
 
