@@ -125,7 +125,7 @@ def test_records_written_before_gate_range_read_as_the_sigmoid_they_used():
     state = model.state_dict()
     extra_key = next(k for k in state if k.endswith("_extra_state"))
     del state[extra_key]["config"]["gate_range"]  # as written by an earlier version
-    kr_convert(resnet18(num_classes=4), input_size=32, gate_range=1.0).load_state_dict(state)
-    today = kr_convert(resnet18(num_classes=4), input_size=32)  # the default bounds the gates
+    kr_convert(resnet18(num_classes=4), input_size=32).load_state_dict(state)
+    bounded = kr_convert(resnet18(num_classes=4), input_size=32, gate_range=0.75)
     with pytest.raises(RuntimeError, match=r"gate_range: checkpoint=1\.0, this model=0\.75"):
-        today.load_state_dict(state)
+        bounded.load_state_dict(state)

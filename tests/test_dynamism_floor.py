@@ -84,7 +84,7 @@ def test_a_layer_pushes_only_in_training_with_more_than_one_sample():
 
 def test_kr_convert_sets_the_floor_of_every_generator():
     default = kernel_generators(kr_convert(resnet18(num_classes=4), input_size=32))
-    assert {(g.dynamism_floor, g.dynamism_weight) for g in default.values()} == {(0.4, 0.02)}
+    assert {(g.dynamism_floor, g.dynamism_weight) for g in default.values()} == {(0.0, 0.02)}
     pushed = kr_convert(resnet18(num_classes=4), input_size=32, dynamism_floor=0.4)
     assert {g.dynamism_floor for g in kernel_generators(pushed).values()} == {0.4}
     with pytest.raises(ValueError, match="dynamism_floor must be a number >= 0"):
@@ -95,8 +95,7 @@ def test_gate_range_bounds_the_gates_and_keeps_the_neutral_slope():
     torch.manual_seed(0)
     layer = KRConv2d(4, 4, 3, padding=1, repr_dim=0)
     generator = layer.generator
-    assert generator.gate_range == 0.75  # the default
-    generator.gate_range = 1.0
+    assert generator.gate_range == 1.0  # the default
     logits = torch.linspace(-30, 30, 601).unsqueeze(0)
     torch.testing.assert_close(generator._gates(logits), 2 * torch.sigmoid(logits))  # r = 1
     generator.gate_range = 0.5

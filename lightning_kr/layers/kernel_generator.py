@@ -24,7 +24,7 @@ Choices the poster leaves open, fixed here:
   costs ``O(D · (hidden + 2·bins + k² + n))`` whatever the width of the layer. ``summary="full"``
   concatenates the whole vectors ``[a_c, a_f, a_s, a_kn]`` (a larger ``K`` for wide layers).
 * ``K`` is ``Linear → LayerNorm``; the LayerNorm keeps ``d`` on one scale through deep chains.
-* Gates are neutral, ``1 + r·tanh(z / 2r)`` of ``z = logit / T`` with ``r = gate_range`` (0.75; 1 is
+* Gates are neutral, ``1 + r·tanh(z / 2r)`` of ``z = logit / T`` with ``r = gate_range`` (default 1:
   ``2·sigmoid(z)``), or ODConv's ``sigmoid(z)`` (``gate_scale = 1``); the kernel-number attention is
   ``softmax(logit / T)``. Neutral gates with zero-initialised attention logits make every attention
   exactly neutral at initialisation (the default: a converted model starts as the static one and
@@ -54,10 +54,10 @@ few large steps.
 Making trained layers dynamic (2026-12-02, README "Dynamism"): from zero heads nothing in the task
 asks for sample-specific kernels (trained spread ~0.01), and from random heads training lowers their
 spread. Three mechanisms are here: a training-only push keeping each logit's across-batch std above
-a floor (:class:`DynamismFloor`, ``dynamism_floor``: on by default, 0.4 at weight 0.02), whose
-gradient reaches only the generator's own weights; bounded gates ``1 + r·tanh(z / 2r)``
-(``gate_range``, default 0.75), without which pushed gates ran away to their ends in some seeds; and,
-opt-in, random heads (:meth:`randomise_heads`, ``KRConfig.dynamic_init``) ramped in from an exact
+a floor (:class:`DynamismFloor`, ``dynamism_floor``; opt-in, 0.4 at weight 0.02 measured best),
+whose gradient reaches only the generator's own weights; bounded gates ``1 + r·tanh(z / 2r)``
+(``gate_range``, 0.75 with the floor), without which pushed gates ran away to their ends in some
+seeds; and random heads (:meth:`randomise_heads`, ``KRConfig.dynamic_init``) ramped in from an exact
 start (:meth:`ramp_in`, ``dynamic_warmup``). The push first also reached the backbone through
 ``h = GAP(x)`` and ``d``: it then cost accuracy (−0.5 points at weight 0.05) for a median spread of
 0.14; kept to the generator, the same floor gives 0.2–0.24 at the static network's accuracy.
@@ -76,10 +76,10 @@ ATTENTION_KINDS = ("channel", "filter", "spatial", "kernel")
 NORMS = ("batch", "layer", "none")
 BATCH_NORM_EPS = 1.0
 """The attention branch's BatchNorm adds this to the variance (ODConv: 1e-5): see the module doc."""
-GATE_RANGE = 0.75
-"""Default ``KRConfig.gate_range``: neutral gates within ``1 ± 0.75`` (see ``_gates``); 1 is
-``2·sigmoid``, within ``(0, 2)``, where gates pushed towards dynamism ran away to their ends."""
-DYNAMISM_FLOOR = 0.4
+GATE_RANGE = 1.0
+"""Default ``KRConfig.gate_range``: neutral gates ``2·sigmoid``, within ``(0, 2)`` (see ``_gates``);
+0.75 bounds them to ``1 ± 0.75``, which keeps gates pushed towards dynamism from running away."""
+DYNAMISM_FLOOR = 0.0
 """Default across-batch standard deviation below which training pushes each attention logit up
 (``KRConfig.dynamism_floor``; 0: off): see :class:`DynamismFloor` and README "Dynamism"."""
 DYNAMISM_WEIGHT = 0.02
