@@ -201,7 +201,6 @@ def check_flag(recipe_name: str, flag: str, tmp_path: Path, extra: tuple[str, ..
         # digits: 23 batches of 64, of which 0.1 are 2; the folder: 20 batches of 2, 0.1 are 2
         args.append("--data.batch_size=64" if recipe_name == "digits" else "--data.batch_size=2")
     cli, caught = run(recipe, [*args, *options, *extra])
-    assert cli.trainer.state.finished, cli.trainer.state
     check(cli, caught, tmp_path)
     assert list((tmp_path / "work").iterdir()) == []  # nothing loose in the working folder
     return cli
@@ -209,7 +208,8 @@ def check_flag(recipe_name: str, flag: str, tmp_path: Path, extra: tuple[str, ..
 
 @pytest.mark.parametrize(("recipe_name", "flag"), CI_CASES, ids=lambda v: v)
 def test_a_flag_runs_to_a_clean_exit(recipe_name: str, flag: str, tmp_path) -> None:
-    check_flag(recipe_name, flag, tmp_path)
+    cli = check_flag(recipe_name, flag, tmp_path)
+    assert cli.trainer.state.finished, cli.trainer.state
 
 
 def test_the_training_loop_flags_together(tmp_path) -> None:
@@ -256,7 +256,8 @@ def test_a_flag_this_machine_cannot_honour_is_refused_in_one_line(
 @pytest.mark.parametrize("flag", FLAGS)
 @pytest.mark.parametrize("recipe_name", RECIPES)
 def test_every_flag_on_every_recipe(recipe_name: str, flag: str, tmp_path) -> None:
-    check_flag(recipe_name, flag, tmp_path)
+    cli = check_flag(recipe_name, flag, tmp_path)
+    assert cli.trainer.state.finished, cli.trainer.state
 
 
 class Interrupt(Callback):
