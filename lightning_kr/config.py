@@ -10,6 +10,7 @@ from lightning_kr.layers.dynamic_conv import STRATEGIES
 from lightning_kr.layers.kernel_generator import (
     ATTENTION_KINDS,
     DYNAMISM_FLOOR,
+    DYNAMISM_WARMUP,
     DYNAMISM_WEIGHT,
     GATE_RANGE,
     NORMS,
@@ -38,7 +39,7 @@ towards dynamic attentions, and the targets (which layers were converted is chec
 instead). Every other option must match."""
 
 
-LEGACY_VALUES: dict[str, Any] = {"gate_range": 1.0}
+LEGACY_VALUES: dict[str, Any] = {"gate_range": 1.0, "dynamism_warmup": 0}
 """Options added after checkpoints were written whose default is not what those checkpoints
 computed: a record without the option is read with this value."""
 
@@ -89,7 +90,7 @@ class KRConfig:
             mapping per kind (e.g. ``{"spatial": 1.5}``; kinds left out start at zero). 0 (default):
             every head starts at zero and the converted model computes the static function exactly;
             any other value gives that up (the outputs of a converted pretrained model change at
-            once), for training from scratch. Measured on the digits (README "Dynamism"): random
+            once), for training from scratch. Measured on the digits (docs/learning.md, "Dynamism"): random
             spatial heads cost little accuracy, random channel / filter heads cost more.
         gate_range: neutral gates are ``1 + r·tanh(logit / 2r)`` with ``r = gate_range``: within
             ``1 ± r``, slope 1/2 at the neutral point whatever ``r``. 1 (default) is ``2·sigmoid``
@@ -97,7 +98,7 @@ class KRConfig:
             filter or a tap for one image between 0.25 and 1.75 times, never switches it off
             (full-range gates pushed towards dynamism ran away to their ends in some seeds,
             accuracy 5–10 points down; 0.5 was too narrow for the synthetic task of
-            ``tests/test_dynamism.py``). README "Dynamism".
+            ``tests/test_dynamism.py``). docs/learning.md, "Dynamism".
         dynamism_floor, dynamism_weight: in training, every attention logit whose standard
             deviation across the batch's samples is below ``dynamism_floor`` is pushed to vary
             more, as if ``dynamism_weight · Σ max(0, floor − std)`` were added to the loss of the
@@ -110,7 +111,12 @@ class KRConfig:
             digits, ODConv's 0.15) at 0.4–0.6 points below the static network for KR, but its
             training loss falls slower in 60-step runs (``tests/test_learning.py``), so it is not
             the default yet. See :class:`~lightning_kr.layers.kernel_generator.DynamismFloor` and
-            README "Dynamism".
+            docs/learning.md, "Dynamism".
+        dynamism_warmup: ramp the weight of that push in from zero over this many training forward
+            passes, ``dynamism_weight · min(1, t / dynamism_warmup)`` (counted per kernel generator
+            in the saved buffer ``ramp_step``, as for ``dynamic_warmup``): the first steps follow
+            the task alone and the push then grows the variation the task has started. 0: the
+            full weight from the first pass.
         dynamic_warmup: ramp the attention logits in over this many training forward passes,
             ``logit · min(1, t / dynamic_warmup)``: with ``dynamic_init`` the converted model is
             then exactly the static one at step 0 (a pretrained conversion keeps its outputs) and
@@ -137,6 +143,7 @@ class KRConfig:
     gate_range: float = GATE_RANGE
     dynamism_floor: float = DYNAMISM_FLOOR
     dynamism_weight: float = DYNAMISM_WEIGHT
+    dynamism_warmup: int = DYNAMISM_WARMUP
     strategy: str = "auto"
     include: str | tuple[str, ...] | None = None
     exclude: str | tuple[str, ...] | None = None
@@ -172,15 +179,12 @@ class KRConfig:
             )
         if isinstance(self.dynamic_init, Mapping):
             object.__setattr__(self, "dynamic_init", {k: float(v) for k, v in scales.items()})
-        if (
-            not is_number(self.dynamic_warmup)
-            or not isinstance(self.dynamic_warmup, int)
-            or (self.dynamic_warmup < 0)
-        ):
-            raise ValueError(
-                f"dynamic_warmup must be a whole number of training steps >= 0; "
-                f"got {self.dynamic_warmup!r}"
-            )
+        for name in ("dynamic_warmup", "dynamism_warmup"):
+            value = getattr(self, name)
+            if not is_number(value) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"{name} must be a whole number of training steps >= 0; got {value!r}"
+                )
         if not is_number(self.gate_range) or not 0 < self.gate_range <= 1:
             raise ValueError(
                 f"gate_range must be in (0, 1] (gates within 1 ± gate_range); got {self.gate_range!r}"

@@ -58,7 +58,7 @@ class _Sums:
     entropy: float = 0.0
 
     def add(self, values: Tensor, kind: str, bounds: tuple[float, float]) -> None:
-        values = values.detach().float().flatten(1)
+        values = values.detach().double().flatten(1)  # sums of squares: no cancellation
         if self.total is None:
             self.total = values.new_zeros(values.shape[1])
             self.squares = values.new_zeros(values.shape[1])

@@ -3,7 +3,7 @@
     python recipes/learning_check.py                         # seeds 0-7: static, perturbed static, KR 1x
     python recipes/learning_check.py --seeds 0-15 --json out.json
 
-The protocol of ``shared/hooks/before-stop``: torchvision ``resnet18(num_classes=10)``, the bundled
+The protocol of the team's before-stop dynamism check: torchvision ``resnet18(num_classes=10)``, the bundled
 digits upsampled to 32×32 RGB, 1,200 training images, 40 plain SGD steps (batch 32, momentum 0.9,
 weight decay 1e-4, one-cycle to lr 0.05), test top-1 on the other 597 — here per seed, with the
 batches drawn from a generator seeded per run, so every model of a seed sees the same batches.

@@ -121,11 +121,13 @@ def test_save_and_load_pretrained_keeps_the_options_and_the_step(tmp_path):
 
 def test_records_written_before_gate_range_read_as_the_sigmoid_they_used():
     torch.manual_seed(0)
-    model = kr_convert(resnet18(num_classes=4), input_size=32)
+    model = kr_convert(resnet18(num_classes=4), input_size=32, gate_range=1.0, dynamism_warmup=0)
     state = model.state_dict()
     extra_key = next(k for k in state if k.endswith("_extra_state"))
     del state[extra_key]["config"]["gate_range"]  # as written by an earlier version
-    kr_convert(resnet18(num_classes=4), input_size=32).load_state_dict(state)
-    bounded = kr_convert(resnet18(num_classes=4), input_size=32, gate_range=0.75)
+    del state[extra_key]["config"]["dynamism_warmup"]
+    sigmoid = kr_convert(resnet18(num_classes=4), input_size=32, gate_range=1.0, dynamism_warmup=0)
+    sigmoid.load_state_dict(state)
+    bounded = kr_convert(resnet18(num_classes=4), input_size=32, dynamism_warmup=0)  # the default
     with pytest.raises(RuntimeError, match=r"gate_range: checkpoint=1\.0, this model=0\.75"):
         bounded.load_state_dict(state)

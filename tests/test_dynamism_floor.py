@@ -84,9 +84,10 @@ def test_a_layer_pushes_only_in_training_with_more_than_one_sample():
 
 def test_kr_convert_sets_the_floor_of_every_generator():
     default = kernel_generators(kr_convert(resnet18(num_classes=4), input_size=32))
-    assert {(g.dynamism_floor, g.dynamism_weight) for g in default.values()} == {(0.0, 0.02)}
-    pushed = kr_convert(resnet18(num_classes=4), input_size=32, dynamism_floor=0.4)
-    assert {g.dynamism_floor for g in kernel_generators(pushed).values()} == {0.4}
+    assert {(g.dynamism_floor, g.dynamism_weight) for g in default.values()} == {(0.4, 0.02)}
+    assert {g.dynamism_warmup for g in default.values()} == {100}
+    off = kr_convert(resnet18(num_classes=4), input_size=32, dynamism_floor=0.0)
+    assert {g.dynamism_floor for g in kernel_generators(off).values()} == {0.0}
     with pytest.raises(ValueError, match="dynamism_floor must be a number >= 0"):
         kr_convert(resnet18(num_classes=4), input_size=32, dynamism_floor=-0.1)
 
@@ -95,8 +96,10 @@ def test_gate_range_bounds_the_gates_and_keeps_the_neutral_slope():
     torch.manual_seed(0)
     layer = KRConv2d(4, 4, 3, padding=1, repr_dim=0)
     generator = layer.generator
-    assert generator.gate_range == 1.0  # the default
+    assert generator.gate_range == 0.75  # the default
     logits = torch.linspace(-30, 30, 601).unsqueeze(0)
+    assert generator.gate_bounds == (0.25, 1.75)
+    generator.gate_range = 1.0
     torch.testing.assert_close(generator._gates(logits), 2 * torch.sigmoid(logits))  # r = 1
     generator.gate_range = 0.5
     gates = generator._gates(logits)
@@ -136,3 +139,37 @@ def test_the_floor_makes_a_layer_dynamic_where_the_task_does_not_ask_for_it():
 
     static, pushed = trained_spread(0.0), trained_spread(0.4)
     assert static < 0.01 and pushed > 0.05, (static, pushed)
+
+
+def test_the_push_warms_up_over_its_training_passes():
+    """``dynamism_warmup``: the push's weight is ``min(1, t / passes)`` of its full value at the
+    ``t``-th training pass (counted in the saved buffer ``ramp_step``); eval passes do not count."""
+
+    def push_gradient(generator: KernelGenerator) -> torch.Tensor:
+        for p in generator.parameters():
+            p.grad = None
+        attentions = generator(h, d)
+        # Only the push: the task's loss is zero.
+        (attentions.channel * 0).sum().backward()
+        return generator.heads["channel"].weight.grad.clone()
+
+    torch.manual_seed(0)
+    h, d = torch.randn(16, 32), torch.randn(16, 8)
+    full = KernelGenerator(32, 64, 9, kernel_num=4, repr_dim=8).train()
+    full.randomise_heads({"channel": 0.1})  # logits that vary a little: below the floor
+    full.dynamism_floor, full.dynamism_warmup = 0.4, 0
+    warming = KernelGenerator(32, 64, 9, kernel_num=4, repr_dim=8).train()
+    warming.load_state_dict(full.state_dict())
+    warming.dynamism_floor = 0.4
+    warming.warm_up_dynamism(4)
+    reference = push_gradient(full)
+    assert reference.abs().max() > 0
+    for t in (1, 2):
+        torch.testing.assert_close(push_gradient(warming), reference * t / 4)
+    warming.eval()(h, d)
+    assert warming.ramp_step.item() == 2 and "ramp_step" in warming.state_dict()
+    warming.train()
+    for t in (3, 4, 5):
+        torch.testing.assert_close(push_gradient(warming), reference * min(t, 4) / 4)
+    with pytest.raises(ValueError, match="dynamism_warmup must be a whole number"):
+        kr_convert(resnet18(num_classes=4), input_size=32, dynamism_warmup=-1)

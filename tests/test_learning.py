@@ -3,7 +3,7 @@
 These tests guard the defaults of the kernel generator (neutral attentions, a LayerNorm'd hidden
 vector, a ``1/√hidden`` read-out; see :mod:`lightning_kr.layers.kernel_generator`). With ODConv's
 initialisation and no normalisation a converted network learned several times slower than its static
-twin (README, "Learning"); the figures themselves come from ``recipes/compare.py``.
+twin (docs/learning.md); the figures themselves come from ``recipes/compare.py``.
 """
 
 from __future__ import annotations
@@ -102,9 +102,13 @@ def test_attention_logits_move_without_saturating():
         optimizer.step()
     rows = attention_statistics(model, x).rows()
     saturated = sorted(row["saturated"] for row in rows)
-    # Memorising 16 random labels at lr 0.1 drives a few 3×3 spatial gates to their ends; the
-    # typical attention stays clear of them (unnormalised, nearly every gate saturated).
-    assert saturated[len(saturated) // 2] < 0.01 and saturated[-1] < 0.5, saturated
+    # Memorising 16 random labels at lr 0.1 drives some taps of a few 3×3 spatial attentions to
+    # the ends of their range (1 ± 0.75, reached within 1 % at a logit of ±3.4); the typical
+    # attention, and every channel and filter gate, stays clear of them (unnormalised, nearly
+    # every gate saturated).
+    assert saturated[len(saturated) // 2] < 0.01 and sum(saturated) / len(rows) < 0.1, saturated
+    assert all(row["saturated"] < 0.05 for row in rows if row["kind"] != "spatial"), rows
+    assert saturated[-1] < 0.75, saturated
     assert max(row["spread"] for row in rows) > 0.05
 
 

@@ -125,4 +125,6 @@ def create(module: nn.Module, config: KRConfig) -> nn.Module:
             generator.randomise_heads(scales)  # a no-op for scales of 0
             if config.dynamic_warmup:
                 generator.ramp_in(config.dynamic_warmup)
+            if config.dynamism_warmup:
+                generator.warm_up_dynamism(config.dynamism_warmup)
     return layer

@@ -1,6 +1,6 @@
 """The KR math of one layer: Representation Fusion, Kernel Generator and Kernel Representation Generator.
 
-Read against the poster (``shared/seeds/kernel_representation_poster.txt``) and ``KR_SPEC.md``::
+Read against the poster and the specification summarised in ``docs/method.md``::
 
     h_i      = GAP(X_i)                                  (computed by the layer, passed in as ``h``)
     h~_i     = F(cat[d_i, h_i])                          Representation Fusion (RF)
@@ -32,8 +32,8 @@ Choices the poster leaves open, fixed here:
 * The logits are read out at 1 after the BatchNorm (or none); after the LayerNorm at
   ``1/√hidden`` (``logit = head(h~) / √hidden``), which kept the attentions static: see below.
 
-Why these defaults (measured with ``recipes/compare.py``, which prints both accuracy and spread; README
-"Learning" and "Dynamism"): with ODConv's initialisation (random attention heads, sigmoid gates in
+Why these defaults (measured with ``recipes/compare.py``, which prints both accuracy and spread;
+``docs/learning.md``, "Learning" and "Dynamism"): with ODConv's initialisation (random attention heads, sigmoid gates in
 (0, 1)) and no normalisation, a converted ResNet-18 learned far slower than the static network (the
 hidden vector had a standard deviation of 2–6, a quarter to three quarters of the spatial gates were
 saturated). Neutral attentions (zero heads, ``2·sigmoid``) fixed the learning, and a LayerNorm with
@@ -51,7 +51,7 @@ read-out (1.4, 2) raised the spread (to 0.21 at 2) but made training unstable (o
 at 71 %); normalising with running statistics only (no batch noise) saturated most gates after a
 few large steps.
 
-Making trained layers dynamic (2026-12-02, README "Dynamism"): from zero heads nothing in the task
+Making trained layers dynamic (2026-12-02, docs/learning.md, "Dynamism"): from zero heads nothing in the task
 asks for sample-specific kernels (trained spread ~0.01), and from random heads training lowers their
 spread. Three mechanisms are here: a training-only push keeping each logit's across-batch std above
 a floor (:class:`DynamismFloor`, ``dynamism_floor``; opt-in, 0.4 at weight 0.02 measured best),
@@ -76,14 +76,18 @@ ATTENTION_KINDS = ("channel", "filter", "spatial", "kernel")
 NORMS = ("batch", "layer", "none")
 BATCH_NORM_EPS = 1.0
 """The attention branch's BatchNorm adds this to the variance (ODConv: 1e-5): see the module doc."""
-GATE_RANGE = 1.0
+GATE_RANGE = 0.75
 """Default ``KRConfig.gate_range``: neutral gates ``2·sigmoid``, within ``(0, 2)`` (see ``_gates``);
 0.75 bounds them to ``1 ± 0.75``, which keeps gates pushed towards dynamism from running away."""
-DYNAMISM_FLOOR = 0.0
+DYNAMISM_FLOOR = 0.4
 """Default across-batch standard deviation below which training pushes each attention logit up
-(``KRConfig.dynamism_floor``; 0: off): see :class:`DynamismFloor` and README "Dynamism"."""
+(``KRConfig.dynamism_floor``; 0: off): see :class:`DynamismFloor` and docs/learning.md, "Dynamism"."""
 DYNAMISM_WEIGHT = 0.02
 """Default weight of that push (``KRConfig.dynamism_weight``)."""
+DYNAMISM_WARMUP = 100
+"""Default number of training passes over which the push's weight ramps in from zero
+(``KRConfig.dynamism_warmup``, applied by ``kr_convert``; a layer built on its own pushes at full
+weight from its first pass unless :meth:`KernelGenerator.warm_up_dynamism` is called)."""
 
 
 class DynamismFloor(torch.autograd.Function):
@@ -207,6 +211,7 @@ class KernelGenerator(nn.Module):
         self.hidden = attention_hidden_size(in_channels, reduction, min_hidden)
         self.register_buffer("temperature", torch.tensor(1.0), persistent=True)
         self.ramp_steps = 0  # see ramp_in
+        self.dynamism_warmup = 0  # see warm_up_dynamism
         self.gate_range = GATE_RANGE  # see _gates
         self.dynamism_floor = DYNAMISM_FLOOR  # see DynamismFloor
         self.dynamism_weight = DYNAMISM_WEIGHT
@@ -300,27 +305,42 @@ class KernelGenerator(nn.Module):
         if steps < 1:
             raise ValueError(f"ramp_in needs steps >= 1; got {steps}")
         self.ramp_steps = int(steps)
+        self._count_passes()
+
+    def warm_up_dynamism(self, passes: int) -> None:
+        """Ramp the weight of the dynamism push (:class:`DynamismFloor`) in from zero over this
+        many training passes, ``weight · min(1, t / passes)``, counted in the same saved buffer
+        ``ramp_step`` as :meth:`ramp_in` (``KRConfig.dynamism_warmup``): the first steps of
+        training follow the task alone, and the push grows the variation the task has started."""
+        if passes < 1:
+            raise ValueError(f"warm_up_dynamism needs passes >= 1; got {passes}")
+        self.dynamism_warmup = int(passes)
+        self._count_passes()
+
+    def _count_passes(self) -> None:
         if not hasattr(self, "ramp_step"):
             self.register_buffer("ramp_step", torch.zeros((), dtype=torch.long), persistent=True)
 
-    def _ramp(self) -> Tensor | None:
-        """The logits' ramp factor of this pass (a 0-d tensor), counting the pass; None when off."""
-        if not self.ramp_steps:
+    def _pass_index(self) -> Tensor | None:
+        """The index of this training pass (a 0-d tensor), counting it; None when nothing counts.
+
+        A training pass run inside backward is a checkpointed block's recomputation: its first
+        pass was counted, so it takes that pass's index and does not count again. An eval pass
+        reads the count without adding to it (and only the logits' ramp needs it there)."""
+        if not (self.ramp_steps or (self.dynamism_warmup and self.training)):
             return None
         step = self.ramp_step
-        # A training pass run inside backward is a checkpointed block's recomputation: its first
-        # pass was counted, so it takes that pass's step and does not count again.
         recomputing = (
             self.training
             and not torch.compiler.is_compiling()
             and torch._C._current_graph_task_id() != -1
         )
         if recomputing:
-            step = step - 1
-        factor = (step.to(torch.float32) / self.ramp_steps).clamp(max=1.0)
-        if self.training and not recomputing:
+            return step - 1
+        if self.training:
             self.ramp_step.add_(1)
-        return factor
+            return step - 1
+        return step
 
     def _summary_size(self, kind: str, size: int) -> int:
         if self.summary == "pooled" and kind in ("channel", "filter"):
@@ -383,14 +403,19 @@ class KernelGenerator(nn.Module):
         )
 
     def _dynamism_push(
-        self, fused_in: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | float
+        self,
+        fused_in: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        scale: Tensor | float,
+        push_weight: Tensor | float,
     ) -> Tensor:
         """Zeros (B, E) whose gradient is :class:`DynamismFloor`'s push on the logits, reaching only
         this generator's weights: the logits are recomputed from ``fused_in`` (B, D + C_in) detached,
         with the batch's statistics (the running ones are not updated twice)."""
         hidden = self._hidden(fused_in.detach(), update_statistics=False)
         logits = F.linear(hidden, weight, bias) * scale
-        pushed = DynamismFloor.apply(logits, self.dynamism_floor, self.dynamism_weight)
+        pushed = DynamismFloor.apply(logits, self.dynamism_floor, push_weight)
         return pushed - pushed.detach()
 
     def forward(self, h: Tensor, d: Tensor | None) -> Attentions:
@@ -410,12 +435,19 @@ class KernelGenerator(nn.Module):
             )
             bias = torch.cat([head.bias for head in heads]) if len(heads) > 1 else heads[0].bias
             scale: Tensor | float = self.readout / self.temperature
-            ramp = self._ramp()
-            if ramp is not None:
-                scale = scale * ramp.to(fused.dtype)
+            step = self._pass_index()
+            if self.ramp_steps:
+                assert step is not None
+                ramp = (step.to(fused.dtype) / self.ramp_steps).clamp(max=1.0)
+                scale = scale * ramp
             logits = F.linear(fused, weight, bias) * scale
             if self._pushes_dynamism(logits):
-                logits = logits + self._dynamism_push(fused_in, weight, bias, scale)
+                push_weight: Tensor | float = self.dynamism_weight
+                if self.dynamism_warmup:
+                    assert step is not None
+                    warm = (step.to(fused.dtype) + 1) / self.dynamism_warmup
+                    push_weight = warm.clamp(max=1.0) * self.dynamism_weight
+                logits = logits + self._dynamism_push(fused_in, weight, bias, scale, push_weight)
         else:  # e.g. DyConv at n = 1: no attention at all, the layer is its static convolution
             logits = fused.new_zeros(fused.shape[0], 0)
         kinds = list(self.heads.keys())
