@@ -6,6 +6,8 @@
   ``lightning_kr`` that no other reference page names (a page naming a package covers its
   submodules, except the top-level page), so a new package, or a module moved out of another, is
   documented without a change here.
+* Sphinx roles in docstrings (``:class:`~a.b.C```) render as the code they name (``C``), as Sphinx
+  shows them, instead of as literal ``:class:`` text (mkdocstrings reads docstrings as Markdown).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import pathlib
 import re
 
 DIRECTIVE = re.compile(r"^::: (\S+)", re.M)
+SPHINX_ROLE = re.compile(
+    r":(?:py:)?(?:class|func|meth|mod|attr|data|exc|obj|const):<code>(~?)([^<]*)</code>"
+)
 
 
 def on_page_markdown(markdown, page, config, files):
@@ -23,6 +28,15 @@ def on_page_markdown(markdown, page, config, files):
     if page.file.src_uri == "reference/more.md":
         return markdown + "\n" + _directives_for_unnamed_modules(root)
     return markdown
+
+
+def on_page_content(html, page, config, files):
+    return SPHINX_ROLE.sub(_role_as_code, html)
+
+
+def _role_as_code(match: re.Match) -> str:
+    short, target = match.groups()
+    return f"<code>{target.rsplit('.', 1)[-1] if short else target}</code>"
 
 
 def _directives_for_unnamed_modules(root: pathlib.Path) -> str:
