@@ -118,3 +118,21 @@ def test_adding_a_strategy_is_one_registry_entry(monkeypatch):
     auto = dynamic_conv2d(x, layer.weight, strategy="auto", **options)
     shared = dynamic_conv2d(x, layer.weight[:1], strategy="shared", **options)
     torch.testing.assert_close(auto, shared)
+
+
+def test_auto_chooses_under_the_tracer_that_counts_macs():
+    """fvcore traces the model: the sizes the costs read are traced values there."""
+    layer = KRConv2d(4, 6, 3, stride=2, padding=1, repr_dim=0).eval()
+    x = torch.randn(3, 4, 8, 8)
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, t):
+            return self.layer.forward_with_repr(t, None)[0]
+
+    with torch.no_grad(), pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(Wrapper(), x)
+        torch.testing.assert_close(traced(x), layer.forward_with_repr(x, None)[0])

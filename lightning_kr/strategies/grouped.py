@@ -56,7 +56,7 @@ def grouped_cost(g: ConvGeometry, folded: bool) -> float | None:
     if g.batch is None:
         return None
     poorly_used = g.dense and g.batch > 1 and (g.small_map or g.taps == 1)
-    fold_first = g.kernel_elements <= g.activation_elements
+    fold_first = bool(g.kernel_elements <= g.activation_elements)
     worse = fold_first != folded
     return g.mixing_cost * (POORLY_USED if poorly_used else 1) + (0.5 if worse else 0.0)
 

@@ -27,7 +27,7 @@ class TapScaled(ConvStrategy):
         return "n = 1" if g.has_kernel else None
 
     def cost(self, g: ConvGeometry) -> float | None:
-        if g.batch in (None, 1) or not g.dense:
+        if g.batch is None or g.batch == 1 or not g.dense:
             return None
         if not g.small_map:
             return g.plain_cost * LARGE_MAP_SLOWER
