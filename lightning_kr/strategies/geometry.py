@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_kr.strategies import tracing
+
 PER_SAMPLE_KERNEL_COST = 40
 """What writing and re-reading one element of a per-sample kernel costs, in multiply-adds of a
 well-shaped matrix product, measured on CPU (``python recipes/layer_benchmark.py --scale 7 --batch
@@ -86,19 +88,24 @@ class ConvGeometry:
         groups: int,
     ) -> ConvGeometry:
         """The geometry of ``conv(x, weight)`` with symmetric zero ``padding`` per dimension."""
-        kernel = tuple(weight.shape[3:])
-        in_size = tuple(x.shape[2:])
+        # Python ints, so that costs compare exactly under the TorchScript tracer (whose sizes are
+        # tensors); the batch stays symbolic under torch.export, whose graph serves every batch.
+        in_size = tuple(int(s) for s in x.shape[2:])
+        batch = x.shape[0] if tracing.exporting() else int(x.shape[0])
+        weight_shape = tuple(int(s) for s in weight.shape)
         return cls(
-            weight_shape=tuple(weight.shape),
+            weight_shape=weight_shape,
             stride=tuple(stride),
             dilation=tuple(dilation),
             groups=groups,
             attentions=frozenset(k for k, v in att._asdict().items() if v is not None),
-            batch=x.shape[0],
+            batch=batch,
             in_size=in_size,
             out_size=tuple(
                 conv_output_size(size, k, s, (p, p), d)
-                for size, k, s, p, d in zip(in_size, kernel, stride, padding, dilation, strict=True)
+                for size, k, s, p, d in zip(
+                    in_size, weight_shape[3:], stride, padding, dilation, strict=True
+                )
             ),
             padding=tuple(padding),
         )
