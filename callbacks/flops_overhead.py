@@ -13,7 +13,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from rich.console import Console
 from torch import Tensor, nn
 
-from .mac_count import Handle, MacOverhead, count_overhead, find_kr_models
+from lightning_kr.kr_model import find_kr_models
+from lightning_kr.utilities.mac_count import Handle, MacOverhead, count_overhead
 
 
 class FlopsOverhead(Callback):
@@ -22,7 +23,7 @@ class FlopsOverhead(Callback):
     When every ``fit`` starts training, on global rank zero only, the model runs one traced forward
     (eval mode, ``no_grad``; every submodule's train/eval mode is restored after) for one sample,
     counted with fvcore's ``FlopCountAnalysis`` and the handles of
-    :mod:`lightning_kr.callbacks.mac_count`, which cover every operator the KR layers, the FFT stem
+    :mod:`lightning_kr.utilities.mac_count`, which cover every operator the KR layers, the FFT stem
     and the joint head run (the convention is in that module's docstring: one per multiply-add for
     convolutions and matrix products, one per output element for elementwise arithmetic). The static
     counterpart is the same module with every ``KRModel`` replaced by ``KRModel.to_static()`` (the

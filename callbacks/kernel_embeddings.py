@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,19 +11,20 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DistributedSampler
 
 from lightning_kr import KRModel
 from lightning_kr.conversion.targets import matches
 from lightning_kr.kr_model import find_kr_models
 from lightning_kr.layers import ATTENTION_KINDS, Attentions
-from lightning_kr.utilities.embeddings import cluster_scores, knn_purity, plot_embeddings, tsne_2d
+from lightning_kr.utilities.distributed import gather_rows, sampler_layout
+from lightning_kr.utilities.embeddings import cluster_scores, plot_embeddings, tsne_panel
+from lightning_kr.utilities.loggers import log_image, log_projector
 
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+TITLES = {"kernel": "kernel representations", "feature": "pooled features"}
 
 
 def default_labels(batch: Any) -> Tensor:
@@ -51,13 +51,14 @@ class KernelEmbeddings(Callback):
       ``d_0`` from the FFT stem, ``i`` the ``d`` written by the ``i``-th KR layer in execution
       order, ``-1`` the last ``d``, the one the joint head sees) and/or the attention vectors
       (``attentions``) of the KR ``layers`` chosen, concatenated;
-    * the **pooled features**: the input of the final classifier (the module ``kr_convert`` kept as
-      the feature branch of the joint head, else the last ``nn.Linear``; or ``feature_module``);
+    * the **pooled features**: the input of the final classifier (``feature_module``, else the one
+      the conversion report names, ``KRModel.report.classifier``, else the last ``nn.Linear``);
     * the labels (``label_fn(batch)``; default: ``batch[1]`` or a dict's ``label``/``target`` key).
 
     Every rank collects its own samples and takes part in the gather; samples are identified by their
     position in the validation sampler's order, so the padding ``DistributedSampler`` adds (and the
-    copies a non-distributed sampler gives every rank) are removed: each sample appears once.
+    copies a non-distributed sampler gives every rank) are removed: each sample appears once
+    (:func:`~lightning_kr.utilities.distributed.gather_rows`).
     On global rank zero:
 
     * ``<dirpath>/epoch_<E>.npz`` holds ``kernels``, ``features``, ``labels``, ``sample_index``;
@@ -67,7 +68,8 @@ class KernelEmbeddings(Callback):
       ``kernel_embeddings/features``) with the labels as metadata;
     * scalars ``embeddings/kernel_silhouette``, ``embeddings/kernel_knn_purity``,
       ``embeddings/feature_silhouette``, ``embeddings/feature_knn_purity`` for every logger
-      (silhouette score and k-NN purity of the standardised vectors, classes as clusters).
+      (silhouette score and k-NN purity of the standardised vectors, classes as clusters:
+      :func:`~lightning_kr.utilities.embeddings.cluster_scores`).
 
     Without a logger only the files are written (with a warning). :attr:`last` keeps the last
     arrays, scores and paths on rank zero.
@@ -263,10 +265,8 @@ class KernelEmbeddings(Callback):
                     f"KernelEmbeddings(feature_module={self.feature_module!r}) names no submodule "
                     f"of {type(pl_module).__name__}"
                 ) from error
-        if self._kr is not None:
-            for decision in self._kr.report.skipped:
-                if decision.reason.startswith("final classifier"):
-                    return self._kr.backbone.get_submodule(decision.name)
+        if self._kr is not None and self._kr.report.classifier is not None:
+            return self._kr.backbone.get_submodule(self._kr.report.classifier)
         root = self._kr.backbone if self._kr is not None else pl_module
         linears = [m for m in root.modules() if type(m) is nn.Linear]
         if not linears:
@@ -283,7 +283,9 @@ class KernelEmbeddings(Callback):
         self._remove_hooks()
         self._reset()
         self._active = True
-        self._world, self._rank, self._total = self._sampler_layout(trainer)
+        loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+        self._world, self._rank, self._total = sampler_layout(loader)
         if self._kr is not None and self.wants_kernels:
             if self._kr.stem is not None:
                 self._handles.append(self._kr.stem.register_forward_hook(self._on_stem))
@@ -307,21 +309,6 @@ class KernelEmbeddings(Callback):
 
     def _on_classifier(self, module: nn.Module, args: Any) -> None:
         self._pooled = args[0]
-
-    @staticmethod
-    def _sampler_layout(trainer: pl.Trainer) -> tuple[int, int, float]:
-        loaders = trainer.val_dataloaders
-        loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
-        sampler = getattr(loader, "sampler", None)
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        if not isinstance(sampler, DistributedSampler) and batch_sampler is not None:
-            sampler = getattr(batch_sampler, "sampler", sampler)
-        if isinstance(sampler, DistributedSampler):
-            return sampler.num_replicas, sampler.rank, len(sampler.dataset)
-        try:
-            return 1, 0, len(loader.dataset)
-        except (AttributeError, TypeError):
-            return 1, 0, math.inf
 
     def on_validation_batch_end(
         self,
@@ -398,55 +385,23 @@ class KernelEmbeddings(Callback):
             self._report(trainer, data)
         self._reset()
 
-    def _local_arrays(self) -> dict[str, Tensor]:
-        rows = self._rows
-        out = {
-            "index": torch.cat(rows["index"])
-            if rows["index"]
-            else torch.zeros(0, dtype=torch.long),
-            "labels": torch.cat(rows["labels"])
-            if rows["labels"]
-            else torch.zeros(0, dtype=torch.long),
-        }
-        for key in ("kernels", "features"):
-            if rows[key]:
-                out[key] = torch.cat(rows[key])
-        return out
-
     def _gather(self, pl_module: pl.LightningModule) -> dict[str, np.ndarray]:
-        """Every rank's rows on every rank, duplicates (sampler padding) removed, in sampler order."""
-        local = self._local_arrays()
-        world = pl_module.trainer.world_size
-        if world > 1:
-            device = pl_module.device
-            count = local["index"].shape[0]
-            dims = [local[k].shape[1] if k in local else -1 for k in ("kernels", "features")]
-            meta = pl_module.all_gather(torch.tensor([count, *dims], device=device)).view(world, 3)
-            counts = meta[:, 0].tolist()
-            width = max(counts)
-            ids = torch.stack([local["index"], local["labels"]], dim=1)
-            floats = [
-                local.get(k, torch.zeros(count, max(int(meta[:, i + 1].max()), 0)))
-                for i, k in enumerate(("kernels", "features"))
-            ]
-            floats = torch.cat(floats, dim=1)
+        """Every rank's rows on every rank, each sample once (sampler padding removed), in order."""
 
-            def gather(x: Tensor) -> Tensor:
-                padded = torch.zeros(width, x.shape[1], dtype=x.dtype)
-                padded[: x.shape[0]] = x
-                out = pl_module.all_gather(padded.to(device)).cpu()
-                return torch.cat([out[r, : counts[r]] for r in range(world)])
+        def all_gather(x: Tensor) -> Tensor:
+            return pl_module.all_gather(x.to(pl_module.device))
 
-            ids, floats = gather(ids), gather(floats)
-            local = {"index": ids[:, 0], "labels": ids[:, 1]}
-            split = max(int(meta[:, 1].max()), 0)
-            if self.wants_kernels:
-                local["kernels"] = floats[:, :split]
-            if self._classifier is not None:
-                local["features"] = floats[:, split:]
-        index = local["index"].numpy()
-        _, first = np.unique(index, return_index=True)  # sorted by sampler position
-        return {k: v.numpy()[first] for k, v in local.items()}
+        def rows(key: str, empty: Tensor | None = None) -> Tensor | None:
+            return torch.cat(self._rows[key]) if self._rows[key] else empty
+
+        no_ids = torch.zeros(0, dtype=torch.long)
+        local = {
+            "index": rows("index", no_ids),
+            "labels": rows("labels", no_ids),
+            "kernels": rows("kernels"),
+            "features": rows("features"),
+        }
+        return gather_rows(local, all_gather if pl_module.trainer.world_size > 1 else None)
 
     def _report(self, trainer: pl.Trainer, data: dict[str, np.ndarray]) -> None:
         epoch, step = trainer.current_epoch, trainer.fit_loop.epoch_loop._batches_that_stepped
@@ -463,30 +418,22 @@ class KernelEmbeddings(Callback):
             for name, key in (("kernel", "kernels"), ("feature", "features"))
             if key in data
         }
-        metrics: dict[str, float] = {}
-        for name, x in spaces.items():
-            for score, value in cluster_scores(x, labels, self.knn).items():
-                metrics[f"embeddings/{name}_{score}"] = value
+        scores = {name: cluster_scores(x, labels, self.knn) for name, x in spaces.items()}
+        metrics = {
+            f"embeddings/{name}_{score}": value
+            for name, space_scores in scores.items()
+            for score, value in space_scores.items()
+        }
         png_path = self._dir / f"tsne_epoch_{epoch:03d}.png"
-        image = self._plot_tsne(spaces, labels, metrics, png_path, epoch)
-        for logger in trainer.loggers:
-            if metrics:
+        image = self._plot_tsne(spaces, scores, labels, png_path, epoch)
+        if metrics:
+            for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
-            if isinstance(logger, TensorBoardLogger):
-                writer = logger.experiment
-                if image is not None:
-                    writer.add_image("kernel_embeddings/tsne", image, step, dataformats="HWC")
-                if self.projector:
-                    metadata = [str(int(c)) for c in labels]
-                    for name, x in spaces.items():
-                        writer.add_embedding(
-                            torch.from_numpy(x),
-                            metadata=metadata,
-                            global_step=step,
-                            tag=f"kernel_embeddings/{name}s",
-                        )
-            elif isinstance(logger, WandbLogger) and image is not None:
-                logger.log_image(key="kernel_embeddings/tsne", images=[str(png_path)], step=step)
+        if image is not None:
+            log_image(trainer.loggers, "kernel_embeddings/tsne", image, png_path, step)
+        if self.projector:
+            for name, x in spaces.items():
+                log_projector(trainer.loggers, f"kernel_embeddings/{name}s", x, labels, step)
         self.last = {
             **data,
             "metrics": metrics,
@@ -497,8 +444,8 @@ class KernelEmbeddings(Callback):
     def _plot_tsne(
         self,
         spaces: dict[str, np.ndarray],
+        scores: dict[str, dict[str, float]],
         labels: np.ndarray,
-        metrics: dict[str, float],
         path: Path,
         epoch: int,
     ) -> np.ndarray | None:
@@ -506,23 +453,10 @@ class KernelEmbeddings(Callback):
         if len(labels) < 5:
             rank_zero_warn(f"KernelEmbeddings: {len(labels)} samples are too few for a t-SNE plot")
             return None
-        titles = {"kernel": "kernel representations", "feature": "pooled features"}
-        panels = []
-        for name, x in spaces.items():
-            scores = [
-                f"{label} {metrics[key]:.2f}"
-                for label, key in (
-                    ("silhouette", f"embeddings/{name}_silhouette"),
-                    ("k-NN purity", f"embeddings/{name}_knn_purity"),
-                )
-                if key in metrics
-            ]
-            panels.append(
-                (
-                    f"{titles[name]} ({x.shape[1]}-d)\n" + ", ".join(scores),
-                    tsne_2d(x, self.perplexity, self.seed),
-                )
-            )
+        panels = [
+            tsne_panel(TITLES[name], x, scores[name], self.perplexity, self.seed)
+            for name, x in spaces.items()
+        ]
         return plot_embeddings(
             panels, labels, path, f"t-SNE at epoch {epoch}, {len(labels)} validation samples"
         )
@@ -555,4 +489,4 @@ class KernelEmbeddings(Callback):
         return state
 
 
-__all__ = ["KernelEmbeddings", "cluster_scores", "default_labels", "knn_purity"]
+__all__ = ["KernelEmbeddings", "default_labels"]

@@ -4,6 +4,7 @@ from lightning_kr.classifier import KRClassifier
 from lightning_kr.config import KRConfig
 from lightning_kr.convert import kr_convert
 from lightning_kr.diagnostics import AttentionStatistics, attention_statistics
+from lightning_kr.fuse_batchnorm import fuse_batchnorm
 from lightning_kr.kr_model import KRModel
 from lightning_kr.layers import (
     FFTStem,
@@ -38,5 +39,6 @@ __all__ = [
     "KernelGenerator",
     "ReprChain",
     "attention_statistics",
+    "fuse_batchnorm",
     "kr_convert",
 ]

@@ -195,7 +195,7 @@ def apply_plan(
     # 3. create and 4. replace
     for name in plan.replace:
         module = model.get_submodule(name)
-        new = create(module, config)
+        new = create(module, config, name)
         model.set_submodule(name, new)
         report.decisions.append(
             LayerDecision(

@@ -19,7 +19,7 @@ alike), after warm-up; the median is reported. Peak train memory is measured for
 in processes of its own (CPU: growth of the peak resident set over one training step, with glibc
 returning blocks of 1 MiB or more to the OS when freed, median of three processes; CUDA:
 ``torch.cuda.max_memory_allocated``). MACs are counted with fvcore by
-:func:`lightning_kr.callbacks.mac_count.count_macs` (every operator of the KR layers, the FFT stem and
+:func:`lightning_kr.utilities.mac_count.count_macs` (every operator of the KR layers, the FFT stem and
 the joint head has a handle).
 
 Configurations: ``static`` (the torchvision model), ``kr_1x`` / ``kr_4x`` (``kr_convert`` with 1 or 4
@@ -217,7 +217,7 @@ def _peak_rss() -> int:
 
 
 def count_gmacs(model: nn.Module, size: int, device: torch.device) -> float:
-    from lightning_kr.callbacks.mac_count import count_macs
+    from lightning_kr.utilities.mac_count import count_macs
 
     result = count_macs(model, torch.randn(1, 3, size, size, device=device))
     if result.unsupported:

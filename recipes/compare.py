@@ -65,7 +65,7 @@ from lightning_kr.data.digits import digit_images
 from lightning_kr.diagnostics import AttentionStatistics, kernel_generators
 from lightning_kr.layers import ATTENTION_KINDS, Attentions
 from lightning_kr.models import build_model
-from lightning_kr.utilities.embeddings import cluster_scores, plot_embeddings, tsne_2d
+from lightning_kr.utilities.embeddings import cluster_scores, plot_embeddings, tsne_panel
 
 DEFAULT_CONFIGS = (
     "static",
@@ -406,13 +406,8 @@ def plot_kernels(
         if descriptors is None or descriptors.std(axis=0).max() == 0:
             continue
         final = runs[summary["config"]][0].epochs[-1]
-        scores = ", ".join(
-            f"{label} {final[key]:.2f}"
-            for label, key in (("spread", "spread"), ("k-NN purity", "knn_purity"))
-            if key in final
-        )
-        title = f"{summary['config']} ({descriptors.shape[1]}-d)\n{scores}"
-        panels.append((title, tsne_2d(descriptors)))
+        scores = {key: final[key] for key in ("spread", "knn_purity") if key in final}
+        panels.append(tsne_panel(summary["config"], descriptors, scores))
     if not panels:
         return False
     plot_embeddings(

@@ -4,9 +4,9 @@
     python recipes/layer_benchmark.py --scale 7 --batch 50   # the same layers at 32² input (8² … 1² maps)
     python recipes/layer_benchmark.py --batch 16 --threads 1 --cpu-time
 
-It is the measurement behind :func:`lightning_kr.layers.dynamic_conv.choose_strategy`: each row is one
-convolution shape, each cell the time of a strategy over the static ``F.conv2d`` of the same shape
-(1x and 4x candidate kernels, spatial attention on). ``--cpu-time`` times with the process's CPU
+It is the measurement behind the strategies' costs (:mod:`lightning_kr.strategies`, what ``"auto"``
+compares): each row is one convolution shape, each cell the time of a registered 2-D strategy over
+the static ``F.conv2d`` of the same shape (1x and 4x candidate kernels, spatial attention on). ``--cpu-time`` times with the process's CPU
 time, which a busy machine disturbs less than the wall clock (use it with ``--threads 1``).
 """
 
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from lightning_kr.layers.dynamic_conv import choose_strategy, dynamic_conv2d
+from lightning_kr.layers.dynamic_conv import dynamic_conv2d
+from lightning_kr.strategies import ConvGeometry, registry
 
 # (C_in, C_out, input side, stride, kernel) of ResNet-18's convolutions at 224².
 RESNET18_SHAPES = [
@@ -38,15 +39,32 @@ RESNET18_SHAPES = [
     (64, 128, 56, 2, 1),
     (256, 512, 14, 2, 1),
 ]
-STRATEGIES = ("grouped", "folded", "unfold", "taps", "tap_scaled", "candidate_outputs", "reference")
+STRATEGIES = tuple(name for name in registry.names(2) if name != "shared")  # "static" is shared
 
 
-def applicable(strategy: str, kernel_num: int, stride: int, kernel: int) -> bool:
-    if strategy == "taps":
-        return stride == 1
-    if strategy == "tap_scaled":
-        return kernel_num == 1
-    return True
+def geometry(
+    batch: int, c_in: int, c_out: int, side: int, stride: int, kernel: int, kernel_num: int
+) -> ConvGeometry:
+    """One row's call: spatial attention where the kernel has several taps, kernel attention where
+    there are several candidates, ``kernel // 2`` zero padding."""
+    pad = kernel // 2
+    out = (side + 2 * pad - kernel) // stride + 1
+    present = {"spatial": kernel > 1, "kernel": kernel_num > 1}
+    return ConvGeometry(
+        weight_shape=(kernel_num, c_out, c_in, kernel, kernel),
+        stride=(stride, stride),
+        dilation=(1, 1),
+        groups=1,
+        attentions=frozenset(kind for kind, on in present.items() if on),
+        batch=batch,
+        in_size=(side, side),
+        out_size=(out, out),
+        padding=(pad, pad),
+    )
+
+
+def applicable(strategy: str, call: ConvGeometry) -> bool:
+    return registry.get(strategy, 2).applies(call) is None
 
 
 def timer(cpu_time: bool) -> Callable[[], float]:
@@ -106,20 +124,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for n in (1, 4):
                 weight = torch.randn(n, c_out, c_in, kernel, kernel)
                 kernel_att = torch.softmax(torch.randn(args.batch, n), 1) if n > 1 else None
-                out = (side + 2 * pad - kernel) // stride + 1
-                auto = choose_strategy(
-                    args.batch,
-                    weight.shape,
-                    (out, out),
-                    n > 1,
-                    spatial is not None,
-                    (stride, stride),
-                    1,
-                    (side, side),
-                    (pad, pad),
-                )
+                call = geometry(args.batch, c_in, c_out, side, stride, kernel, n)
+                auto = registry.choose(call).name
                 for strategy in STRATEGIES:
-                    if not applicable(strategy, n, stride, kernel):
+                    if not applicable(strategy, call):
                         cells.append("")
                         continue
                     layer = partial(

@@ -5,7 +5,7 @@
 
 For ResNet-18, MobileNetV2 0.5x, ViT-Tiny and PoolFormer-S12 (``timm.create_model(name,
 pretrained=False)``, 1000 classes), the static model and ``kr_convert(model, kernel_num=1)`` /
-``kernel_num=4`` are counted on one image with :func:`lightning_kr.callbacks.mac_count.count_macs`
+``kernel_num=4`` are counted on one image with :func:`lightning_kr.utilities.mac_count.count_macs`
 (fvcore, every operator: convolutions and matrix products, normalisation, pooling, elementwise
 arithmetic), and once more with convolutions and matrix products only. Needs the ``timm`` extra
 (``pip install -e ".[timm]"``); no weights are downloaded.
@@ -27,7 +27,7 @@ from rich.table import Table
 from torch import nn
 
 from lightning_kr import kr_convert
-from lightning_kr.callbacks.mac_count import count_macs
+from lightning_kr.utilities.mac_count import count_macs
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def render(results: dict[str, dict[str, dict[str, Any]]], size: int) -> Table:
         )
         for row in rows:
             unsupported.update(row["unsupported"])
-    table.caption = "MACs counted by lightning_kr.callbacks.mac_count.count_macs (fvcore); " + (
+    table.caption = "MACs counted by lightning_kr.utilities.mac_count.count_macs (fvcore); " + (
         f"not counted (no handle): {', '.join(sorted(unsupported))}"
         if unsupported
         else "every operator counted."

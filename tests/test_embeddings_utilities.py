@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lightning_kr.utilities import cluster_scores, knn_purity, plot_embeddings, standardise, tsne_2d
+from lightning_kr.utilities import cluster_scores, knn_purity, standardise
+from lightning_kr.utilities.embeddings import plot_embeddings, tsne_2d, tsne_panel
 
 
 def two_blobs(n: int = 40, dims: int = 6, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -36,6 +37,11 @@ def test_scores_of_separated_and_mixed_classes():
     assert shuffled["knn_purity"] < 0.8 and shuffled["silhouette"] < 0.2
 
 
+def test_exact_duplicates_are_neighbours_of_each_other_never_of_themselves():
+    duplicates = np.array([[0.0, 0.0], [0.0, 0.0], [5.0, 5.0], [5.0, 5.0]])
+    assert knn_purity(duplicates, np.array([0, 0, 1, 1]), k=1) == 1.0
+
+
 def test_scores_need_two_classes_and_three_samples():
     x, labels = two_blobs()
     assert cluster_scores(x[:2], labels[:2]) == {}
@@ -51,3 +57,10 @@ def test_tsne_and_picture(tmp_path):
     image = plot_embeddings([("a", xy), ("b", -xy)], labels, tmp_path / "t.png", "two panels")
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_panel_title_names_the_space_its_size_and_scores():
+    x, _ = two_blobs(n=12, dims=3)
+    title, xy = tsne_panel("kernels", x, {"spread": 0.123, "knn_purity": 0.5}, perplexity=3)
+    assert title == "kernels (3-d)\nspread 0.12, k-NN purity 0.50"
+    assert xy.shape == (12, 2)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_kr import kr_convert
 from lightning_kr.callbacks import KernelEmbeddings
-from lightning_kr.callbacks.kernel_embeddings import cluster_scores, default_labels, knn_purity
+from lightning_kr.callbacks.kernel_embeddings import default_labels
 
 N_VAL, NUM_CLASSES, SIZE, D = 24, 3, 16, 8
 
@@ -56,12 +56,27 @@ class Blobs(Dataset):
         return {"image": image, "label": label} if self.as_dict else (image, label)
 
 
+class LateClassifier(nn.Module):
+    """``tiny_cnn`` with its classifier registered first: the last ``nn.Linear`` registered is the
+    hidden layer (16 → 12), the one that runs last is ``fc`` (12 → classes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, NUM_CLASSES)
+        self.body = tiny_cnn()[:-1]
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
 class Module(pl.LightningModule):
     """A LightningModule of the user's own; ``convert=False`` keeps the plain network."""
 
-    def __init__(self, convert: bool = True, mode: str = "kr") -> None:
+    def __init__(
+        self, convert: bool = True, mode: str = "kr", net: nn.Module | None = None
+    ) -> None:
         super().__init__()
-        net = tiny_cnn()
+        net = net or tiny_cnn()
         self.net = kr_convert(net, input_size=SIZE, repr_dim=D, mode=mode) if convert else net
 
     def forward(self, x):
@@ -154,14 +169,26 @@ def test_features_of_a_module_without_kr_layers(tmp_path):
         fit(Module(convert=False), KernelEmbeddings(), tmp_path)
 
 
-def test_trainer_validate_alone(tmp_path):
-    callback = KernelEmbeddings(depths=[1, 2], dirpath=tmp_path)
+def validate(module: pl.LightningModule, callback: KernelEmbeddings) -> None:
     trainer = pl.Trainer(
         accelerator="cpu", logger=False, callbacks=[callback], enable_progress_bar=False
     )
-    trainer.validate(Module(), DataLoader(Blobs(), batch_size=10))
+    trainer.validate(module, DataLoader(Blobs(), batch_size=10))
+
+
+def test_trainer_validate_alone(tmp_path):
+    callback = KernelEmbeddings(depths=[1, 2], dirpath=tmp_path)
+    validate(Module(), callback)
     assert callback.last["kernels"].shape == (N_VAL, 2 * D)
     assert (tmp_path / "tsne_epoch_000.png").is_file()
+
+
+def test_features_are_the_input_of_the_classifier_in_the_report(tmp_path):
+    module = Module(net=LateClassifier())
+    assert module.net.report.classifier == "fc"
+    callback = KernelEmbeddings(depths=None, dirpath=tmp_path)
+    validate(module, callback)
+    assert callback.last["features"].shape == (N_VAL, 12)  # fc's input, not the hidden layer's
 
 
 def test_misuse_raises_with_a_fix(tmp_path):
@@ -184,20 +211,6 @@ def test_attention_descriptors_of_an_ablation(tmp_path):
     kernels = callback.last["kernels"]
     assert ((kernels > 0) & (kernels < 2)).all()  # 2·sigmoid gates, 1 at initialisation
     assert kernels.std(axis=0).max() > 0, "the attentions vary from sample to sample"
-
-
-def test_cluster_scores():
-    rng = np.random.default_rng(0)
-    labels = np.repeat([0, 1, 2], 20)
-    separated = rng.normal(size=(60, 5)) * 0.1 + labels[:, None] * 3
-    scores = cluster_scores(separated, labels)
-    assert scores["silhouette"] > 0.8 and scores["knn_purity"] == 1.0
-    mixed = cluster_scores(rng.normal(size=(60, 5)), labels)
-    assert abs(mixed["silhouette"]) < 0.1 and mixed["knn_purity"] < 0.6
-    # Exact duplicates are neighbours of each other, never of themselves.
-    duplicates = np.array([[0.0, 0.0], [0.0, 0.0], [5.0, 5.0], [5.0, 5.0]])
-    assert knn_purity(duplicates, np.array([0, 0, 1, 1]), k=1) == 1.0
-    assert cluster_scores(separated[:2], labels[:2]) == {}  # too few samples to score
 
 
 def test_state_dict_keeps_the_epoch_cadence():

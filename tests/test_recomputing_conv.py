@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from lightning_kr.layers import KRConv2d, recomputing_conv
-from lightning_kr.layers.recomputing_conv import (
-    FoldedGroupedConv,
-    TapsConv,
-    UnfoldConv,
-    batch_chunks,
-)
+from lightning_kr.layers import KRConv2d
+from lightning_kr.strategies import memory
+from lightning_kr.strategies.folded import FoldedGroupedConv
+from lightning_kr.strategies.memory import batch_chunks
+from lightning_kr.strategies.taps import TapsConv
+from lightning_kr.strategies.unfold import UnfoldConv
 from tests.reference import assert_same_values_and_gradients, naive_dynamic_conv2d
 
 
@@ -75,9 +74,7 @@ def test_folded_gradcheck(kernel_num, groups):
 
 
 def test_batch_chunks_cover_the_batch_within_the_budget():
-    chunks = batch_chunks(
-        10, per_sample_elements=recomputing_conv.CHUNK_BYTES // 12, element_size=4
-    )
+    chunks = batch_chunks(10, per_sample_elements=memory.CHUNK_BYTES // 12, element_size=4)
     assert [(c.start, c.stop) for c in chunks] == [(0, 3), (3, 6), (6, 9), (9, 10)]
     assert batch_chunks(4, per_sample_elements=10**12, element_size=4)[0] == slice(0, 1)
 
@@ -89,7 +86,7 @@ def test_batch_chunks_cover_the_batch_within_the_budget():
 )  # fmt: skip
 def test_one_sample_chunks_match_the_reference(monkeypatch, strategy, kernel_num):
     """With a tiny chunk budget every sample is its own chunk; results do not change."""
-    monkeypatch.setattr(recomputing_conv, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(memory, "CHUNK_BYTES", 1)
     layer = KRConv2d(
         4, 6, 3, 1, 1, kernel_num=kernel_num, repr_dim=5, min_hidden=4, zero_init=False
     )

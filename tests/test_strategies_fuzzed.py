@@ -1,6 +1,6 @@
 """Every convolution strategy against the naive per-sample reference, on random layer configurations.
 
-Property-based (hypothesis): kernel sizes 1–4 (even and non-square), stride, dilation, groups
+Property-based (hypothesis), over every 2-D strategy of the registry: kernel sizes 1–4 (even and non-square), stride, dilation, groups
 (grouped and depthwise), every padding form and mode, batch 1–5, maps down to 1×1, n = 1–4 and any
 subset of attentions. Each applicable strategy must give the reference's values and gradients, and
 its output must survive an in-place operation of the next layer (``ReLU(inplace=True)``). The CI
@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from lightning_kr.conversion.create import layer_geometry
 from lightning_kr.layers import KRConv2d
-from lightning_kr.layers.dynamic_conv import STRATEGIES
 from lightning_kr.layers.kernel_generator import ATTENTION_KINDS
+from lightning_kr.strategies import registry
 from tests.reference import per_sample_kernels
 
 ATTENTION_SUBSETS = [
@@ -83,18 +84,9 @@ def layer_configs(draw) -> dict:
 
 
 def applicable_strategies(layer: KRConv2d) -> list[str]:
-    heads = layer.generator.heads
-    per_sample_kernel = "kernel" in heads or "spatial" in heads
-    names = []
-    for name in STRATEGIES:
-        if name == "shared" and per_sample_kernel:
-            continue
-        if name == "taps" and (layer.groups != 1 or layer.stride != (1, 1)):
-            continue
-        if name == "tap_scaled" and "kernel" in heads:
-            continue
-        names.append(name)
-    return names
+    """Every registered 2-D strategy that applies to the layer (the registry says which)."""
+    geometry = layer_geometry(layer)
+    return [s.name for s in registry.strategies(2) if s.applies(geometry) is None]
 
 
 def reference_forward(layer: KRConv2d, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -159,7 +151,7 @@ def test_every_strategy_equals_the_reference_many_examples(config):
     )
 
 
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s not in ("shared", "taps")])
+@pytest.mark.parametrize("strategy", [s for s in registry.names(2) if s not in ("shared", "taps")])
 def test_vgg_like_block_trains_with_inplace_relu_at_224(strategy):
     """The case fuzzing at small sizes missed: a 224×224 map, then ReLU(inplace=True), then backward."""
     kernel_num = 1 if strategy == "tap_scaled" else 2

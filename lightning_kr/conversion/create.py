@@ -15,36 +15,47 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedW
 from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
 
 from lightning_kr.config import KRConfig
-from lightning_kr.layers.dynamic_conv3d import STRATEGIES_3D
 from lightning_kr.layers.kernel_generator import KernelGenerator
+from lightning_kr.layers.kr_conv import KRConvNd
 from lightning_kr.layers.kr_conv1d import KRConv1d
 from lightning_kr.layers.kr_conv2d import KRConv2d
 from lightning_kr.layers.kr_conv3d import KRConv3d
 from lightning_kr.layers.kr_linear import KRLinear
 from lightning_kr.layers.kr_multihead_attention import KRMultiheadAttention
 from lightning_kr.layers.kr_window_attention import KRShiftedWindowAttention
+from lightning_kr.strategies import registry
+from lightning_kr.strategies.geometry import ConvGeometry
 
 Factory = Callable[[nn.Module, KRConfig], nn.Module]
 
 
+def layer_strategy(strategy: str, dims: int) -> str:
+    """The strategy a layer with rank-``dims`` kernels takes for the configured one: ``strategy``
+    (an old name replaced by its new one) where the registry has it for that rank, else ``"auto"``
+    (a 2-D-only strategy on a 3-D layer)."""
+    strategy = registry.resolve_name(strategy, dims)
+    return strategy if strategy in registry.names(dims) else "auto"
+
+
 def _conv1d(conv: nn.Module, config: KRConfig) -> nn.Module:
-    return KRConv1d.from_conv(
-        conv, init_noise=config.init_noise, strategy=config.strategy, **config.layer_options()
-    )
+    return KRConv1d.from_conv(  # the 2-D strategies on a height-1 map
+        conv, init_noise=config.init_noise, strategy=layer_strategy(config.strategy, 2),
+        **config.layer_options(),
+    )  # fmt: skip
 
 
 def _conv2d(conv: nn.Module, config: KRConfig) -> nn.Module:
     return KRConv2d.from_conv(
-        conv, init_noise=config.init_noise, strategy=config.strategy, **config.layer_options()
-    )
+        conv, init_noise=config.init_noise, strategy=layer_strategy(config.strategy, 2),
+        **config.layer_options(),
+    )  # fmt: skip
 
 
 def _conv3d(conv: nn.Module, config: KRConfig) -> nn.Module:
-    # The 3-D strategies are a subset of the 2-D ones; a 2-D-only choice means "auto" here.
-    strategy = config.strategy if config.strategy in STRATEGIES_3D else "auto"
     return KRConv3d.from_conv(
-        conv, init_noise=config.init_noise, strategy=strategy, **config.layer_options()
-    )
+        conv, init_noise=config.init_noise, strategy=layer_strategy(config.strategy, 3),
+        **config.layer_options(),
+    )  # fmt: skip
 
 
 def _linear(linear: nn.Module, config: KRConfig) -> nn.Module:
@@ -110,12 +121,39 @@ def computes_like_base(module: nn.Module, base: type[nn.Module]) -> bool:
     )
 
 
-def create(module: nn.Module, config: KRConfig) -> nn.Module:
-    """The KR replacement of ``module`` (whose type has a :data:`FACTORIES` row)."""
+def layer_geometry(layer: KRConvNd) -> ConvGeometry:
+    """The geometry of a KR convolution before any call (no batch, no sizes): what decides whether a
+    strategy applies. A 1-D layer runs as a height-1 2-D convolution."""
+    shape, stride, dilation = tuple(layer.weight.shape), layer.stride, layer.dilation
+    if len(stride) == 1:
+        shape, stride, dilation = (*shape[:3], 1, shape[3]), (1, *stride), (1, *dilation)
+    return ConvGeometry(shape, stride, dilation, layer.groups, frozenset(layer.generator.heads))
+
+
+def check_strategy(layer: nn.Module, name: str, module: nn.Module) -> None:
+    """Raise ValueError, naming the layer, where its forced strategy cannot run it (rather than at
+    its first forward pass)."""
+    if not isinstance(layer, KRConvNd) or layer.strategy == "auto":
+        return
+    geometry = layer_geometry(layer)
+    need = registry.get(layer.strategy, geometry.dims).applies(geometry)
+    if need is not None:
+        raise ValueError(
+            f"strategy {layer.strategy!r} cannot run layer '{name}' ({type(module).__name__}, "
+            f"stride {layer.stride}, groups {layer.groups}, {layer.kernel_num} candidate(s), "
+            f"attentions {sorted(geometry.attentions)}): it needs {need}. Use strategy='auto', or "
+            "leave this layer out with exclude="
+        )
+
+
+def create(module: nn.Module, config: KRConfig, name: str = "?") -> nn.Module:
+    """The KR replacement of ``module`` (whose type has a :data:`FACTORIES` row), called ``name``
+    in the model; ValueError where the configured strategy cannot run it."""
     base = base_type(module)
     if base is None:
         raise TypeError(f"no KR layer replaces {type(module).__name__}")
     layer = FACTORIES[base](module, config)
+    check_strategy(layer, name, module)
     scales = config.dynamic_init_scales()
     for generator in layer.modules():
         if isinstance(generator, KernelGenerator):

@@ -53,8 +53,8 @@ class Probe:
         num_classes: ``K`` when the model returns class logits (B, K) (or a tuple whose first item
             is); ``None`` for any other output (dense maps, detection losses, flows).
         output_type: the type name of the output, for the report.
-        last_call: the module that ran last among the converted types (its ``d`` has no reader
-            without a joint head).
+        call_order: the name of every watched module at each of its calls, in call order (the
+            last one that runs has no reader of its ``d`` without a joint head).
         mode: ``"train"``, or ``"eval"`` when the training-mode pass failed.
         fallback_reason: that failure.
     """

@@ -12,10 +12,13 @@ static layer can score well. Read them beside the across-sample spread of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+SCORE_NAMES = {"silhouette": "silhouette", "knn_purity": "k-NN purity"}
+"""How :func:`tsne_panel` writes a score's key; other keys are written as they are."""
 
 
 def standardise(x: np.ndarray) -> np.ndarray:
@@ -64,6 +67,19 @@ def tsne_2d(x: np.ndarray, perplexity: float = 30.0, seed: int = 0) -> np.ndarra
     with threadpool_limits(1):
         tsne = TSNE(2, perplexity=min(perplexity, (len(x) - 1) / 3), init="pca", random_state=seed)
         return tsne.fit_transform(standardise(x.astype(np.float64)))
+
+
+def tsne_panel(
+    name: str,
+    x: np.ndarray,
+    scores: Mapping[str, float],
+    perplexity: float = 30.0,
+    seed: int = 0,
+) -> tuple[str, np.ndarray]:
+    """A panel of :func:`plot_embeddings`: the t-SNE of ``x`` (N, E), titled ``name (E-d)`` over
+    its ``scores`` (``silhouette 0.41, k-NN purity 0.87``)."""
+    caption = ", ".join(f"{SCORE_NAMES.get(key, key)} {value:.2f}" for key, value in scores.items())
+    return f"{name} ({x.shape[1]}-d)\n{caption}", tsne_2d(x, perplexity, seed)
 
 
 def plot_embeddings(
