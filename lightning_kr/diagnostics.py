@@ -253,5 +253,8 @@ def attention_statistics(
     finally:
         model.train(was_training)
     if not stats.sums:
-        raise ValueError("no batch reached a KR layer: data was empty")
+        raise ValueError(
+            "no attention was recorded: the data was empty, or no KR layer of the model generates "
+            "attentions (mode='dyconv' with kernel_num=1 is its static convolution)"
+        )
     return stats
