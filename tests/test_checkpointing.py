@@ -56,8 +56,8 @@ def loss_and_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=c
 def assert_same_with_and_without_checkpoint(
     model, blocks, x, y, use_reentrant=False, loss_fn=cross_entropy
 ):
+    wrapped = copy.deepcopy(model)  # before the first pass: the same count of training passes
     loss, grads = loss_and_grads(model, x, y, loss_fn)
-    wrapped = copy.deepcopy(model)
     for name in blocks:
         wrap(wrapped.backbone, name, use_reentrant)
     loss_cp, grads_cp = loss_and_grads(wrapped, x, y, loss_fn)
