@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from lightning_kr.layers.dynamic_conv import STRATEGIES
 from lightning_kr.layers.kernel_generator import (
     ATTENTION_KINDS,
     DYNAMISM_FLOOR,
@@ -15,6 +14,7 @@ from lightning_kr.layers.kernel_generator import (
     GATE_RANGE,
     NORMS,
 )
+from lightning_kr.strategies import registry
 
 Mode = Literal["kr", "odconv", "dyconv"]
 MODES: dict[str, str] = {
@@ -160,9 +160,13 @@ class KRConfig:
             raise ValueError(f"mode must be one of {sorted(MODES)}; got {self.mode!r}")
         if self.kernel_num < 1:
             raise ValueError(f"kernel_num must be >= 1 (1 = '1x', 4 = '4x'); got {self.kernel_num}")
-        if self.strategy != "auto" and self.strategy not in STRATEGIES:
+        known = {
+            *registry.names(),
+            *(old for renamed in registry.RENAMED.values() for old in renamed),
+        }
+        if self.strategy != "auto" and self.strategy not in known:
             raise ValueError(
-                f"strategy must be 'auto' or one of {list(STRATEGIES)}; got {self.strategy!r}"
+                f"strategy must be 'auto' or one of {list(registry.names())}; got {self.strategy!r}"
             )
         if self.mode == "kr" and self.repr_dim < 1:
             raise ValueError(f"mode='kr' needs repr_dim >= 1; got {self.repr_dim}")
