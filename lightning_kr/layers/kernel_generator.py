@@ -24,8 +24,8 @@ Choices the poster leaves open, fixed here:
   costs ``O(D · (hidden + 2·bins + k² + n))`` whatever the width of the layer. ``summary="full"``
   concatenates the whole vectors ``[a_c, a_f, a_s, a_kn]`` (a larger ``K`` for wide layers).
 * ``K`` is ``Linear → LayerNorm``; the LayerNorm keeps ``d`` on one scale through deep chains.
-* Gates are neutral, ``1 + r·tanh(z / 2r)`` of ``z = logit / T`` with ``r = gate_range`` (default 1:
-  ``2·sigmoid(z)``), or ODConv's ``sigmoid(z)`` (``gate_scale = 1``); the kernel-number attention is
+* Gates are neutral, ``1 + r·tanh(z / 2r)`` of ``z = logit / T`` with ``r = gate_range`` (default 0.75;
+  1 is ``2·sigmoid(z)``), or ODConv's ``sigmoid(z)`` (``gate_scale = 1``); the kernel-number attention is
   ``softmax(logit / T)``. Neutral gates with zero-initialised attention logits make every attention
   exactly neutral at initialisation (the default: a converted model starts as the static one and
   its gates can both damp and amplify).
@@ -54,13 +54,14 @@ few large steps.
 Making trained layers dynamic (2026-12-02, docs/learning.md, "Dynamism"): from zero heads nothing in the task
 asks for sample-specific kernels (trained spread ~0.01), and from random heads training lowers their
 spread. Three mechanisms are here: a training-only push keeping each logit's across-batch std above
-a floor (:class:`DynamismFloor`, ``dynamism_floor``; opt-in, 0.4 at weight 0.02 measured best),
+a floor (:class:`DynamismFloor`, ``dynamism_floor``; on by default, 0.4 at weight 0.02, its weight
+warmed up over the first 100 training passes, :meth:`warm_up_dynamism`),
 whose gradient reaches only the generator's own weights; bounded gates ``1 + r·tanh(z / 2r)``
-(``gate_range``, 0.75 with the floor), without which pushed gates ran away to their ends in some
+(``gate_range``, 0.75 by default), without which pushed gates ran away to their ends in some
 seeds; and random heads (:meth:`randomise_heads`, ``KRConfig.dynamic_init``) ramped in from an exact
 start (:meth:`ramp_in`, ``dynamic_warmup``). The push first also reached the backbone through
 ``h = GAP(x)`` and ``d``: it then cost accuracy (−0.5 points at weight 0.05) for a median spread of
-0.14; kept to the generator, the same floor gives 0.2–0.24 at the static network's accuracy.
+0.14; kept to the generator, the same floor gives 0.22–0.26 (KR 1x / 4x) at −0.1 / −1.0 points.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ NORMS = ("batch", "layer", "none")
 BATCH_NORM_EPS = 1.0
 """The attention branch's BatchNorm adds this to the variance (ODConv: 1e-5): see the module doc."""
 GATE_RANGE = 0.75
-"""Default ``KRConfig.gate_range``: neutral gates ``2·sigmoid``, within ``(0, 2)`` (see ``_gates``);
-0.75 bounds them to ``1 ± 0.75``, which keeps gates pushed towards dynamism from running away."""
+"""Default ``KRConfig.gate_range``: neutral gates within ``1 ± 0.75`` (see ``_gates``), which keeps
+gates pushed towards dynamism from running away; 1 is ``2·sigmoid``, within ``(0, 2)``."""
 DYNAMISM_FLOOR = 0.4
 """Default across-batch standard deviation below which training pushes each attention logit up
 (``KRConfig.dynamism_floor``; 0: off): see :class:`DynamismFloor` and docs/learning.md, "Dynamism"."""
