@@ -33,7 +33,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -41,6 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_kr.layers.kr_conv1d import KRConv1d
 from lightning_kr.layers.kr_conv2d import KRConv2d
 from lightning_kr.layers.kr_conv3d import KRConv3d
+from lightning_kr.report import RichReport
 
 KR_CONVOLUTIONS = (KRConv1d, KRConv2d, KRConv3d)
 STATIC_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -60,7 +60,7 @@ class FusionDecision:
 
 
 @dataclass
-class FusionReport:
+class FusionReport(RichReport):
     """Every BatchNorm of the model and what :func:`fuse_batchnorm` did with it."""
 
     decisions: list[FusionDecision] = field(default_factory=list)
@@ -86,16 +86,6 @@ class FusionReport:
             style = "green" if d.action == "folded" else "yellow"
             table.add_row(d.name, d.conv or "", f"[{style}]{d.action}[/{style}]", d.reason)
         return table
-
-    def print(self, console: Console | None = None) -> None:
-        """Print the report as a rich table."""
-        (console or Console()).print(self)
-
-    def __str__(self) -> str:
-        console = Console(width=160, record=True, file=None)
-        with console.capture() as capture:
-            console.print(self)
-        return capture.get()
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:

@@ -26,8 +26,22 @@ class LayerDecision:
     params_after: int
 
 
+class RichReport:
+    """A report that renders as one rich table (its ``__rich__``): printed, or as text."""
+
+    def print(self, console: Console | None = None) -> None:
+        """Print the report as a rich table."""
+        (console or Console()).print(self)
+
+    def __str__(self) -> str:
+        console = Console(width=160, record=True, file=None)
+        with console.capture() as capture:
+            console.print(self)
+        return capture.get()
+
+
 @dataclass
-class ConversionReport:
+class ConversionReport(RichReport):
     """Every Conv/Linear/MultiheadAttention that ``kr_convert`` looked at, and the model totals.
 
     ``params_after`` counts the converted backbone plus the FFT stem and the joint head.
@@ -99,13 +113,3 @@ class ConversionReport:
                 d.reason,
             )
         return table
-
-    def print(self, console: Console | None = None) -> None:
-        """Print the report as a rich table."""
-        (console or Console()).print(self)
-
-    def __str__(self) -> str:
-        console = Console(width=160, record=True, file=None)
-        with console.capture() as capture:
-            console.print(self)
-        return capture.get()
