@@ -111,7 +111,7 @@ def test_depthwise_network_exports_with_a_free_batch(tmp_path, kernel_num):
 @pytest.mark.parametrize("kernel_num", [1, 4])
 def test_small_video_network_exports_with_a_free_batch(tmp_path, kernel_num):
     """KRConv3d's grouped convolution would bake the batch into ``groups``: under export it runs
-    tap by tap (``dynamic_conv3d``'s ``"taps"``)."""
+    tap by tap (the 3-D ``"tap_products"`` strategy)."""
     model = trained_looking_with_statistics(
         kr_convert(
             small_video_cnn(), example_input=torch.randn(2, 3, 4, 8, 8), kernel_num=kernel_num

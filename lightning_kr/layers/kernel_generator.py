@@ -73,6 +73,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_kr.strategies import tracing
+
 ATTENTION_KINDS = ("channel", "filter", "spatial", "kernel")
 NORMS = ("batch", "layer", "none")
 BATCH_NORM_EPS = 1.0
@@ -332,9 +334,7 @@ class KernelGenerator(nn.Module):
             return None
         step = self.ramp_step
         recomputing = (
-            self.training
-            and not torch.compiler.is_compiling()
-            and torch._C._current_graph_task_id() != -1
+            self.training and not tracing.compiling() and torch._C._current_graph_task_id() != -1
         )
         if recomputing:
             return step - 1

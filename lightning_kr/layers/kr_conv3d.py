@@ -20,8 +20,9 @@ class KRConv3d(KRConvNd):
             as in :class:`torch.nn.Conv3d` (``padding='same'`` included).
         kernel_num, repr_dim, reduction, min_hidden, attentions, gate_scale, zero_init, norm:
             as in :class:`~lightning_kr.layers.KRConv2d`.
-        strategy: one of ``"auto"``, ``"shared"``, ``"grouped"``, ``"reference"`` (see
-            :mod:`~lightning_kr.layers.dynamic_conv3d`; all are exact).
+        strategy: ``"auto"`` or one of ``STRATEGIES_3D`` (``"shared"``, ``"grouped"``,
+            ``"reference"``, ``"tap_products"``; see :mod:`lightning_kr.strategies`; all are
+            exact).
 
     Shapes:
         x: (B, C_in, T, H, W); d: (B, D) → y: (B, C_out, T', H', W'), d_next: (B, D).

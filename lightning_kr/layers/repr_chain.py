@@ -36,6 +36,7 @@ from lightning_kr.layers.reentrant_checkpoint import (
     anchor_output,
     reentrant_checkpoint_ctx,
 )
+from lightning_kr.strategies import tracing
 
 T = TypeVar("T")
 
@@ -100,7 +101,7 @@ class ReprChain:
     def start(self, d0: Tensor) -> None:
         """Set ``d_0`` (B, D) of a run opened without one (later calls in the run are ignored)."""
         if getattr(self._local, "d", None) is PENDING:
-            if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if not torch.is_grad_enabled() and not tracing.compiling():
                 ctx = reentrant_checkpoint_ctx()
                 if ctx is not None:  # the checkpointed block holds the model's first layer
                     self._local.region = CheckpointRegion(ctx, None, self._replay)
@@ -168,7 +169,7 @@ class ReprChain:
 
         Under ``no_grad`` the call stack is searched for a reentrant checkpoint (a few µs) only
         where one can matter: a training-mode layer, a ``d`` with history, or inside a region."""
-        if torch.compiler.is_compiling():  # a traced graph holds no reentrant checkpoint
+        if tracing.compiling():  # a traced graph holds no reentrant checkpoint
             return d
         region: CheckpointRegion | None = getattr(self._local, "region", None)
         if torch.is_grad_enabled():

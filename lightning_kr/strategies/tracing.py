@@ -6,7 +6,9 @@
 * :func:`counting` — the TorchScript tracer is recording (fvcore's MAC count, ``torch.jit.trace``):
   a strategy that skips work a static convolution does (taps that read only padding) counts it
   anyway, so that KR and its static model are compared on one count.
-* :func:`plain_operators` — either of the two: custom autograd Functions cannot be recorded, so
+* :func:`compiling` — ``torch.compile`` (dynamo) is tracing: no Python-side state may branch on
+  autograd internals (a reentrant checkpoint's ``no_grad`` pass, a recomputation in backward).
+* :func:`plain_operators` — exporting or counting: custom autograd Functions cannot be recorded, so
   each strategy runs its plain-operator twin (the same computation, without recomputation in
   backward).
 """
@@ -24,6 +26,11 @@ def exporting() -> bool:
 def counting() -> bool:
     """The TorchScript tracer (fvcore's MAC counter, ``torch.jit.trace``) is recording."""
     return torch.jit.is_tracing()
+
+
+def compiling() -> bool:
+    """``torch.compile`` (or ``torch.export``, which compiles) is tracing this forward."""
+    return torch.compiler.is_compiling()
 
 
 def plain_operators() -> bool:

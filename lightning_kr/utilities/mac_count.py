@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from lightning_kr.kr_model import find_kr_models
 from lightning_kr.layers import KernelGenerator, KRLayer, KRMultiheadAttention
+from lightning_kr.strategies import tracing
 
 with warnings.catch_warnings():  # fvcore decorates helpers with the deprecated torch.jit.script
     warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
@@ -265,7 +266,7 @@ def _inline_autograd_functions() -> Iterator[None]:
     plain_setup = torch.autograd.function._SingleLevelFunction.setup_context
 
     def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
-        if not torch.jit.is_tracing():
+        if not tracing.counting():
             return original.__get__(None, cls)(*args, **kwargs)
         if cls.setup_context is not plain_setup:  # forward(*args) + setup_context(ctx, ...)
             return cls.forward(*args, **kwargs)
