@@ -108,7 +108,8 @@ def test_depthwise_network_exports_with_a_free_batch(tmp_path, kernel_num):
     assert_onnx_matches_eager(model, tmp_path / "depthwise.onnx")
 
 
-@pytest.mark.parametrize("kernel_num", [1, 4])
+# One case of each family in CI (the suite's 10-minute budget); the others with -m slow.
+@pytest.mark.parametrize("kernel_num", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_small_video_network_exports_with_a_free_batch(tmp_path, kernel_num):
     """KRConv3d's grouped convolution would bake the batch into ``groups``: under export it runs
     tap by tap (the 3-D ``"tap_products"`` strategy)."""
@@ -120,7 +121,7 @@ def test_small_video_network_exports_with_a_free_batch(tmp_path, kernel_num):
     assert_onnx_matches_eager(model, tmp_path / "video.onnx", size=8, frames=4)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_small_swin_exports_with_a_free_batch(tmp_path, version):
     """KR shifted-window attention (v2: its position-bias MLP is KR too)."""
     swin = torchvision.models.swin_transformer
@@ -146,7 +147,7 @@ def test_model_without_head_exports_with_a_free_batch(tmp_path):
     assert_onnx_matches_eager(model, tmp_path / "dense.onnx")
 
 
-@pytest.mark.parametrize("kernel_num", [1, 4])
+@pytest.mark.parametrize("kernel_num", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_small_vit_exports_with_a_free_batch(tmp_path, kernel_num):
     model = trained_looking_with_statistics(
         kr_convert(small_vit(), input_size=16, kernel_num=kernel_num)
