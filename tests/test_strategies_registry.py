@@ -52,8 +52,8 @@ def test_auto_is_the_cheapest_applicable_and_export_the_cheapest_portable():
         assert chosen.cost(geometry) == min(costs)
         portable = registry.choose(geometry.any_batch(), portable=True)
         assert portable.portable and portable.applies(geometry) is None
-    assert portable_strategy(True, True) == "taps"
-    assert portable_strategy(True, True, stride=(2, 2)) == "unfold"
+    assert portable_strategy(True, True) == "conv_columns"
+    assert portable_strategy(True, True, stride=(2, 2)) == "conv_columns"
     assert portable_strategy(False, False) == "shared"
 
 

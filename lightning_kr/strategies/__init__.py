@@ -11,6 +11,7 @@ strategy                  dims  for                                             
 ``shared``                2, 3  no per-sample kernel: one ordinary convolution              yes
 ``candidate_outputs``     2     convolve with all candidates, mix the outputs (small maps)  no
 ``taps``                  2     stride 1, groups 1: one GEMM over the taps, shifted sums    yes
+``conv_columns``          2     one-hot columns (a convolution), batched product (export)   yes
 ``tap_scaled``            2     n = 1: spatial attention on the im2col columns              yes
 ``unfold``                2     im2col columns and a batched product with the kernels       yes
 ``folded``                2     all attentions folded into a ``groups = B`` convolution     no

@@ -26,11 +26,11 @@ def mix_candidates(
     n, *shape = weight.shape
     if kernel_att is not None:
         kernels = (kernel_att.to(weight.dtype) @ weight.reshape(n, -1)).view(batch, *shape)
-    else:
-        kernels = weight[0].expand(batch, *shape)
+    else:  # broadcast, not expanded: an exported graph would write B copies before scaling
+        kernels = weight[0].unsqueeze(0)
     if spatial_att is not None:
         kernels = kernels * spatial_att.to(weight.dtype).view(batch, 1, 1, *shape[2:])
-    return kernels
+    return kernels.expand(batch, *shape)
 
 
 def fold_channel_filter(

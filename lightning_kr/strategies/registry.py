@@ -14,6 +14,7 @@ import warnings
 from lightning_kr.strategies import tracing
 from lightning_kr.strategies.base import ConvStrategy
 from lightning_kr.strategies.candidate_outputs import CandidateOutputs
+from lightning_kr.strategies.conv_columns import ConvColumns
 from lightning_kr.strategies.folded import Folded
 from lightning_kr.strategies.geometry import ConvGeometry
 from lightning_kr.strategies.grouped import Grouped
@@ -28,6 +29,7 @@ REGISTRY: tuple[ConvStrategy, ...] = (
     Shared(),
     CandidateOutputs(),
     Taps(),
+    ConvColumns(),
     TapScaled(),
     Unfold(),
     Folded(),

@@ -12,8 +12,8 @@ plus mixing where there are several candidates: the fast path for wide layers on
 the static convolution at 7², 512 channels, where a grouped convolution is 8–14x), 1.2x that with
 several candidates on maps of up to 64 positions (it must permute every candidate kernel), 1.5x
 for 1×1 kernels (one tap: the im2col product is the same product), 2x on large maps; never at
-batch 1 (one sample's grouped convolution is an ordinary one). Portable: what ``torch.export``
-takes for stride-1 dense k×k convolutions (one GEMM for any batch).
+batch 1 (one sample's grouped convolution is an ordinary one). Portable, but onnxruntime runs
+the exported shifted sums 2.5x slower than ``"conv_columns"``, which ``torch.export`` takes.
 
 Not the 3-D ``"tap_products"``, which applies per-sample kernels tap by tap (the 3-D strategy was
 called ``"taps"`` before; see :mod:`~lightning_kr.strategies.tap_products`).
@@ -34,6 +34,13 @@ from lightning_kr.strategies.unfold import LARGE_MAP_SLOWER, SLOWER
 
 PERMUTES_CANDIDATES = 1.2
 """Slowdown with several candidates on maps of up to 64 positions (see the module)."""
+EXPORTED_SLOWER = 2.5
+"""Slowdown of the exported shifted sums in onnxruntime against ``"conv_columns"`` (one layer,
+28²–56² maps: 2.3–6.9x the exported static convolution against 0.9–1.9x)."""
+TINY_EXPORTED = 4
+"""Output positions (2 × 2) at or below which the exported shifted sums beat ``"conv_columns"``
+with one candidate and every tap live (2² maps, 256 channels, batch 1 / 50: 1.9x / 1.7x the
+exported static convolution against 2.3x / 5.0x)."""
 
 
 class Taps(ConvStrategy):
@@ -48,8 +55,9 @@ class Taps(ConvStrategy):
 
     def cost(self, g: ConvGeometry) -> float | None:
         base = g.mixing_cost if g.has_kernel else g.plain_cost
-        if g.batch is None:  # torch.export: one GEMM for any batch
-            return base * (SLOWER if g.taps == 1 else 1)
+        if g.batch is None:  # torch.export: onnxruntime runs the shifted sums slowly ...
+            tiny = not g.has_kernel and g.positions <= TINY_EXPORTED and g.live_taps == g.taps
+            return base * (1 if tiny else EXPORTED_SLOWER)  # ... except on the tiniest maps
         if g.batch == 1:
             return None
         if g.taps == 1:

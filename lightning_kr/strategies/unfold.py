@@ -11,8 +11,8 @@ several candidates, at full speed for 1×1 kernels (one batched matrix product),
 candidates on maps of up to 64 positions or strided small maps, and at batch 1 where the columns
 are under a quarter of the kernel (scaling them by the spatial attention then touches fewer numbers
 than scaling the kernel); 1.5x elsewhere on small maps, 2x on large ones; measured slower than a
-grouped convolution with groups. Portable: the form ``torch.export`` takes where ``"taps"`` does not
-apply (strided, grouped or 1×1 convolutions).
+grouped convolution with groups. Portable, but onnxruntime runs the exported ``F.unfold`` 3x slower
+than ``"conv_columns"``, which ``torch.export`` takes.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ SLOWER = 1.5
 """Slowdown of the per-sample im2col product against the best form on small maps."""
 LARGE_MAP_SLOWER = 2
 """Slowdown of the GEMM forms (im2col, taps) against a grouped convolution on large maps."""
+EXPORTED_SLOWER = 3
+"""Slowdown of the exported ``F.unfold`` in onnxruntime against ``"conv_columns"`` (one layer,
+28²–56² maps: 3.2–9.2x the exported static convolution against 0.9–1.9x)."""
 
 
 def unfold_columns(
@@ -57,8 +60,8 @@ class Unfold(ConvStrategy):
 
     def cost(self, g: ConvGeometry) -> float | None:
         base = g.mixing_cost if g.has_kernel else g.plain_cost
-        if g.batch is None:  # torch.export: after "taps"
-            return base * (1 if g.taps == 1 else SLOWER)
+        if g.batch is None:  # torch.export: onnxruntime runs F.unfold's gather slowly
+            return base * EXPORTED_SLOWER
         if g.batch == 1:
             if g.has_spatial and 4 * g.column_elements < g.kernel_elements:
                 return g.mixing_cost
