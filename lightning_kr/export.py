@@ -2,9 +2,11 @@
 
 Dynamic convolutions usually export with the batch size of the example baked into the graph: the
 per-sample kernels run as one convolution with ``groups = batch`` (onnx/onnx#3843). Under
-``torch.export`` every KR layer switches to formulations that hold for any batch (the taps GEMM or
-the im2col product, :func:`~lightning_kr.layers.dynamic_conv.portable_strategy`, in plain
-operators), so one exported file serves batch 1 and batch 256 alike. Needs the ``export`` extra:
+``torch.export`` every KR layer switches to formulations that hold for any batch
+(:func:`~lightning_kr.layers.dynamic_conv.portable_strategy`): im2col as an ordinary depthwise
+``Conv`` node with one-hot kernels and one batched ``MatMul`` with the per-sample kernels
+(:mod:`~lightning_kr.strategies.conv_columns`), or the layer's own ``Conv`` where every sample has
+the same kernel, so one exported file serves batch 1 and batch 256 alike. Needs the ``export`` extra:
 ``pip install "lightning-kr[export]"`` (onnx, onnxscript; onnxruntime for the parity check).
 """
 
