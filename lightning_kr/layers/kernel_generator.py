@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_kr.layers.folded_generator import FoldedGenerator, fold, run_folded, source_key
 from lightning_kr.strategies import tracing
 
 ATTENTION_KINDS = ("channel", "filter", "spatial", "kernel")
@@ -419,6 +420,25 @@ class KernelGenerator(nn.Module):
         pushed = DynamismFloor.apply(logits, self.dynamism_floor, push_weight)
         return pushed - pushed.detach()
 
+    def folded_for_inference(self) -> FoldedGenerator | None:
+        """This generator folded into fewer operators (:mod:`~lightning_kr.layers.folded_generator`)
+        where that computes the same attentions and nothing needs more: eval mode, no gradient
+        recorded (``torch.no_grad`` / ``inference_mode``), no tracer, exporter or compiler (they
+        record the generator's own operators). Rebuilt when any parameter or buffer changed."""
+        if (
+            self.training
+            or torch.is_grad_enabled()
+            or tracing.plain_operators()
+            or tracing.compiling()
+        ):
+            return None
+        sources = [*self.parameters(), *self.buffers()]
+        folded: FoldedGenerator | None = self.__dict__.get("_folded")
+        if folded is None or folded.key != source_key(sources):
+            folded = fold(self, sources)
+            self.__dict__["_folded"] = folded  # not a submodule: never saved
+        return folded
+
     def forward(self, h: Tensor, d: Tensor | None) -> Attentions:
         if self.uses_repr:
             if d is None:
@@ -426,6 +446,17 @@ class KernelGenerator(nn.Module):
             fused_in = torch.cat([d.to(h.dtype), h], dim=1)
         else:
             fused_in = h
+        folded = self.folded_for_inference()
+        if folded is not None:
+            values, repr_out = run_folded(folded, fused_in)
+            folded_out = dict(zip(self.heads.keys(), values, strict=True))
+            return Attentions(
+                channel=folded_out.get("channel"),
+                filter=folded_out.get("filter"),
+                spatial=folded_out.get("spatial"),
+                kernel=folded_out.get("kernel"),
+                repr_out=repr_out,
+            )
         fused = self._hidden(fused_in)
         # All heads as one matrix product, one temperature division and one sigmoid (a batch-1
         # forward is bound by the number of small operators); the heads stay separate parameters.
