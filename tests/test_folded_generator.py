@@ -96,6 +96,11 @@ def test_folding_is_redone_when_a_weight_or_buffer_changes():
     assert_same_attentions(generator, h, d)
     generator.double()
     assert_same_attentions(generator, h.double(), d.double())
+    generator.drop_repr_output()  # the last layer of a model without a joint head
+    with torch.no_grad():
+        assert generator(h.double(), d.double()).repr_out is None
+    generator.heads["spatial"] = torch.nn.Linear(generator.hidden, 9).double()  # a replaced head
+    assert_same_attentions(generator, h.double(), d.double())
 
 
 def test_folding_is_used_only_without_gradients_in_eval_mode():

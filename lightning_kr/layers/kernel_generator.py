@@ -432,7 +432,17 @@ class KernelGenerator(nn.Module):
             or tracing.compiling()
         ):
             return None
-        sources = [*self.parameters(), *self.buffers()]
+        # its modules read from their dicts (cheaper than self.modules(), and always current)
+        modules = [self, *self._modules.values(), *self.heads._modules.values()]
+        if self.represent is not None:
+            modules.extend(self.represent._modules.values())
+        sources = [
+            t
+            for module in modules
+            if module is not None
+            for t in (*module._parameters.values(), *module._buffers.values())
+            if t is not None
+        ]
         folded: FoldedGenerator | None = self.__dict__.get("_folded")
         if folded is None or folded.key != source_key(sources):
             folded = fold(self, sources)
