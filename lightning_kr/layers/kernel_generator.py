@@ -143,6 +143,17 @@ class Attentions:
     kernel: Tensor | None
     repr_out: Tensor | None
 
+    @classmethod
+    def of(cls, by_kind: dict[str, Tensor], repr_out: Tensor | None) -> Attentions:
+        """The attentions of a mapping from attention kind to tensor (kinds left out: ``None``)."""
+        return cls(
+            channel=by_kind.get("channel"),
+            filter=by_kind.get("filter"),
+            spatial=by_kind.get("spatial"),
+            kernel=by_kind.get("kernel"),
+            repr_out=repr_out,
+        )
+
 
 def attention_hidden_size(in_features: int, reduction: float, min_hidden: int) -> int:
     """ODConv's hidden width: ``max(int(in_features * reduction), min_hidden)``."""
@@ -459,14 +470,7 @@ class KernelGenerator(nn.Module):
         folded = self.folded_for_inference()
         if folded is not None:
             values, repr_out = run_folded(folded, fused_in)
-            folded_out = dict(zip(self.heads.keys(), values, strict=True))
-            return Attentions(
-                channel=folded_out.get("channel"),
-                filter=folded_out.get("filter"),
-                spatial=folded_out.get("spatial"),
-                kernel=folded_out.get("kernel"),
-                repr_out=repr_out,
-            )
+            return Attentions.of(dict(zip(self.heads.keys(), values, strict=True)), repr_out)
         fused = self._hidden(fused_in)
         # All heads as one matrix product, one temperature division and one sigmoid (a batch-1
         # forward is bound by the number of small operators); the heads stay separate parameters.
@@ -506,13 +510,7 @@ class KernelGenerator(nn.Module):
         if self.represent is not None:
             summaries = [self._summarise(kind, attention) for kind, attention in out.items()]
             repr_out = self.represent(torch.cat([fused, *summaries], dim=1))
-        return Attentions(
-            channel=out.get("channel"),
-            filter=out.get("filter"),
-            spatial=out.get("spatial"),
-            kernel=out.get("kernel"),
-            repr_out=repr_out,
-        )
+        return Attentions.of(out, repr_out)
 
     def extra_repr(self) -> str:
         return (
