@@ -434,13 +434,15 @@ class KernelGenerator(nn.Module):
     def folded_for_inference(self) -> FoldedGenerator | None:
         """This generator folded into fewer operators (:mod:`~lightning_kr.layers.folded_generator`)
         where that computes the same attentions and nothing needs more: eval mode, no gradient
-        recorded (``torch.no_grad`` / ``inference_mode``), no tracer, exporter or compiler (they
-        record the generator's own operators). Rebuilt when any parameter or buffer changed."""
+        recorded (``torch.no_grad`` / ``inference_mode``), no tracer, exporter, compiler or
+        dispatch mode such as ``FlopCounterMode`` (they record or count the generator's own
+        operators). Rebuilt when any parameter or buffer changed."""
         if (
             self.training
             or torch.is_grad_enabled()
             or tracing.plain_operators()
             or tracing.compiling()
+            or tracing.dispatch_mode()
         ):
             return None
         # its modules read from their dicts (cheaper than self.modules(), and always current)

@@ -8,6 +8,9 @@
   anyway, so that KR and its static model are compared on one count.
 * :func:`compiling` — ``torch.compile`` (dynamo) is tracing: no Python-side state may branch on
   autograd internals (a reentrant checkpoint's ``no_grad`` pass, a recomputation in backward).
+* :func:`dispatch_mode` — a Python dispatch mode (``FlopCounterMode``, ``FakeTensorMode``) sees
+  every operator: inference shortcuts (the folded kernel generator) stay off, so counts are the
+  model's own.
 * :func:`plain_operators` — exporting or counting: custom autograd Functions cannot be recorded, so
   each strategy runs its plain-operator twin (the same computation, without recomputation in
   backward).
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
 def exporting() -> bool:
@@ -31,6 +35,12 @@ def counting() -> bool:
 def compiling() -> bool:
     """``torch.compile`` (or ``torch.export``, which compiles) is tracing this forward."""
     return torch.compiler.is_compiling()
+
+
+def dispatch_mode() -> bool:
+    """A Python dispatch mode sees every operator (``FlopCounterMode``, ``FakeTensorMode``): run
+    the model's own operators, not an equivalent shortcut."""
+    return is_in_torch_dispatch_mode()
 
 
 def plain_operators() -> bool:
