@@ -48,6 +48,44 @@ class CandidateOutputs(ConvStrategy):
         )  # fmt: skip
 
 
+def tap_columns(
+    x: Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    out_hw: tuple[int, int],
+    taps: list[int],
+) -> Tensor:
+    """The im2col columns of the taps ``taps`` only (indices ``u·kw + v``), as strided slices of
+    the input: ``F.unfold``'s columns with the other taps left out. On the small maps this strategy
+    runs on, ``F.unfold`` cost more than the product (1.2 ms per call at batch 50, 512 channels,
+    a 1×1 map, where only the centre tap of a 3×3 kernel is live).
+
+    Shapes: x (B, C_in, H, W); padding (top, left), symmetric → (B, C_in, len(taps), H'·W').
+    """
+    (_, kw), (sh, sw), (ph, pw), (dh, dw), (oh, ow) = kernel_size, stride, padding, dilation, out_hw
+    height, width = x.shape[2:]
+    if not taps:  # every tap reads only padding
+        return x.new_zeros(x.shape[0], x.shape[1], 0, oh * ow)
+
+    def inside(u: int, d: int, p: int, s: int, out: int, size: int) -> bool:
+        return u * d - p >= 0 and (out - 1) * s + u * d - p < size
+
+    padded = not all(
+        inside(t // kw, dh, ph, sh, oh, height) and inside(t % kw, dw, pw, sw, ow, width)
+        for t in taps
+    )
+    source, shift_h, shift_w = (F.pad(x, (pw, pw, ph, ph)), 0, 0) if padded else (x, ph, pw)
+    slices = []
+    for t in taps:
+        top, left = (t // kw) * dh - shift_h, (t % kw) * dw - shift_w
+        slices.append(
+            source[:, :, top : top + (oh - 1) * sh + 1 : sh, left : left + (ow - 1) * sw + 1 : sw]
+        )
+    return torch.stack(slices, dim=2).reshape(x.shape[0], x.shape[1], len(taps), oh * ow)
+
+
 def candidate_outputs_conv(
     x: Tensor,
     weight: Tensor,
@@ -76,7 +114,7 @@ def candidate_outputs_conv(
     Returns:
         (B, C_out, H', W').
     """
-    batch, c_in, height, width = x.shape
+    batch, _, height, width = x.shape
     n, c_out, c_in_g, kh, kw = weight.shape
     positions = out_hw[0] * out_hw[1]
     if tracing.counting():
@@ -85,11 +123,10 @@ def candidate_outputs_conv(
         taps = list(range(kh * kw))
     else:
         taps = live_taps((kh, kw), stride, padding, dilation, (height, width), out_hw)
-    cols = F.unfold(x, (kh, kw), dilation, padding, stride).view(batch, c_in, kh * kw, positions)
+    cols = tap_columns(x, (kh, kw), stride, padding, dilation, out_hw, taps)  # (B, C_in, T', L)
     kernels = weight.reshape(n, groups, c_out // groups, c_in_g, kh * kw)
     if len(taps) < kh * kw:
         index = torch.tensor(taps, dtype=torch.long, device=x.device)
-        cols = cols.index_select(2, index)
         kernels = kernels.index_select(4, index)
         if spatial_att is not None:
             spatial_att = spatial_att.index_select(1, index)
@@ -97,7 +134,7 @@ def candidate_outputs_conv(
         cols = cols * spatial_att.to(cols.dtype)[:, None, :, None]
     live = len(taps)
     # Rows of the whole batch: (g, B·L, C_in/g·T') @ (g, C_in/g·T', n·C_out/g).
-    rows = cols.view(batch, groups, c_in_g * live, positions).permute(1, 0, 3, 2)
+    rows = cols.reshape(batch, groups, c_in_g * live, positions).permute(1, 0, 3, 2)
     rows = rows.reshape(groups, batch * positions, c_in_g * live)
     kernels = kernels.permute(1, 3, 4, 0, 2).reshape(groups, c_in_g * live, n * (c_out // groups))
     outputs = torch.matmul(rows, kernels.to(rows.dtype))  # (g, B·L, n·C_out/g)
