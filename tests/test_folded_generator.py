@@ -92,6 +92,8 @@ def test_folding_is_redone_when_a_weight_or_buffer_changes():
         assert_same_attentions(generator, h, d)
         generator.temperature.fill_(3.0)
         assert_same_attentions(generator, h, d)
+        generator.gate_range = 0.5  # a plain attribute the fold reads
+        assert_same_attentions(generator, h, d)
     generator.load_state_dict(trained_generator(kernel_num=4).state_dict())
     assert_same_attentions(generator, h, d)
     generator.double()

@@ -14,7 +14,8 @@ elementwise with fixed parameters, so :class:`FoldedGenerator` precomputes:
   summaries (bin averages, a fixed linear map ``P``) are folded into its weight (``W_c P``).
 
 Its outputs equal the generator's up to float rounding (tested). It is rebuilt whenever a parameter
-or buffer it read changes (their versions and storage are compared on every call), and used only
+or buffer it read changes (their versions and storage are compared on every call) or one of the
+generator's settings (gate range and scale, read-out, ramp), and used only
 where nothing needs gradients or a trace: see :meth:`KernelGenerator.forward`.
 """
 
@@ -59,9 +60,10 @@ def source_key(tensors: list[Tensor]) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
-def fold(generator: nn.Module, sources: list[Tensor]) -> FoldedGenerator:
+def fold(generator: nn.Module, key: tuple) -> FoldedGenerator:
     """Fold ``generator`` (a :class:`KernelGenerator` in eval mode) as the module doc says;
-    ``sources``: the tensors whose values it reads (for :func:`source_key`)."""
+    ``key``: what identifies the values it reads (:func:`source_key` of its tensors and its
+    settings), kept to tell when to fold again."""
     with torch.no_grad():
         fuse_weight, fuse_bias = generator.fuse.weight, generator.fuse.bias
         norm = generator.norm
@@ -106,7 +108,7 @@ def fold(generator: nn.Module, sources: list[Tensor]) -> FoldedGenerator:
             repr_weight = torch.cat(parts, dim=1)
             repr_bias = linear.bias
         return FoldedGenerator(
-            key=source_key(sources),
+            key=key,
             fuse_weight=fuse_weight.detach().clone(),
             fuse_bias=fuse_bias.detach().clone(),
             layer_norm=norm if isinstance(norm, nn.LayerNorm) else None,

@@ -456,9 +456,12 @@ class KernelGenerator(nn.Module):
             for t in (*module._parameters.values(), *module._buffers.values())
             if t is not None
         ]
+        # the plain attributes the fold reads (set at conversion; a change must refold too)
+        settings = (self.gate_range, self.gate_scale, self.readout, self.ramp_steps)
+        key = (*source_key(sources), settings)
         folded: FoldedGenerator | None = self.__dict__.get("_folded")
-        if folded is None or folded.key != source_key(sources):
-            folded = fold(self, sources)
+        if folded is None or folded.key != key:
+            folded = fold(self, key)
             self.__dict__["_folded"] = folded  # not a submodule: never saved
         return folded
 
