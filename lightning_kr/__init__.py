@@ -18,6 +18,7 @@ from lightning_kr.layers import (
     KRShiftedWindowAttention,
     ReprChain,
 )
+from lightning_kr.loss_scale import set_loss_scale
 from lightning_kr.report import ConversionReport
 
 __version__ = "0.1.0"
@@ -41,4 +42,5 @@ __all__ = [
     "attention_statistics",
     "fuse_batchnorm",
     "kr_convert",
+    "set_loss_scale",
 ]

@@ -22,6 +22,7 @@ from lightning_kr.checkpoint_file import check_checkpoint_file
 from lightning_kr.config import KRConfig
 from lightning_kr.convert import kr_convert
 from lightning_kr.kr_model import KRModel
+from lightning_kr.loss_scale import set_loss_scale
 from lightning_kr.models import BUILDER_ATTRIBUTE, build_model, builder_record, insert_head_dropout
 from lightning_kr.outputs import main_logits
 
@@ -225,6 +226,16 @@ class KRClassifier(LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        """Tell the KR layers how the loss was scaled for this backward (mixed precision's
+        ``GradScaler``, divided by the gradient-accumulation steps), so the dynamism push keeps
+        its weight against the task: see :func:`~lightning_kr.set_loss_scale`."""
+        scale: float = 1.0
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
+            scale = scaler.get_scale()
+        set_loss_scale(self.model, scale / self.trainer.accumulate_grad_batches)
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")

@@ -230,6 +230,11 @@ class KernelGenerator(nn.Module):
         self.gate_range = GATE_RANGE  # see _gates
         self.dynamism_floor = DYNAMISM_FLOOR  # see DynamismFloor
         self.dynamism_weight = DYNAMISM_WEIGHT
+        # The factor the task's loss is multiplied by before backward (a GradScaler's scale over
+        # the gradient-accumulation steps): the push is multiplied by it too, so that it keeps its
+        # weight against the task once the optimiser sees unscaled gradients. Not saved; set by
+        # lightning_kr.set_loss_scale (KRClassifier does it before every backward).
+        self.loss_scale: Tensor | float = 1.0
 
         self.fuse = nn.Linear(repr_dim + in_channels, self.hidden)
         self.norm: nn.Module | None = None
@@ -498,6 +503,7 @@ class KernelGenerator(nn.Module):
                     assert step is not None
                     warm = (step.to(fused.dtype) + 1) / self.dynamism_warmup
                     push_weight = warm.clamp(max=1.0) * self.dynamism_weight
+                push_weight = push_weight * self.loss_scale
                 logits = logits + self._dynamism_push(fused_in, weight, bias, scale, push_weight)
         else:  # e.g. DyConv at n = 1: no attention at all, the layer is its static convolution
             logits = fused.new_zeros(fused.shape[0], 0)
