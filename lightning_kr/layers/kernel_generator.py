@@ -234,7 +234,7 @@ class KernelGenerator(nn.Module):
         # the gradient-accumulation steps): the push is multiplied by it too, so that it keeps its
         # weight against the task once the optimiser sees unscaled gradients. Not saved; set by
         # lightning_kr.set_loss_scale (KRClassifier does it before every backward).
-        self.loss_scale: Tensor | float = 1.0
+        self.loss_scale = 1.0
 
         self.fuse = nn.Linear(repr_dim + in_channels, self.hidden)
         self.norm: nn.Module | None = None
