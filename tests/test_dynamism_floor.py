@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from lightning_kr import attention_statistics, kr_convert
+from lightning_kr import KRConfig, attention_statistics, kr_convert
 from lightning_kr.diagnostics import kernel_generators
 from lightning_kr.layers import KRConv2d
 from lightning_kr.layers.kernel_generator import DynamismFloor, KernelGenerator
@@ -18,7 +18,7 @@ def test_forward_is_the_identity_and_backward_is_the_floor_term_alone():
     upstream = torch.randn(8, 5)
 
     pushed = logits.clone().requires_grad_()
-    out = DynamismFloor.apply(pushed, 0.5, 0.05)
+    out = DynamismFloor.apply(pushed, 0.5, 0.05, False)
     torch.testing.assert_close(out, logits)
     out.backward(upstream)  # ignored: the generator adds the push beside the task's gradient
 
@@ -28,6 +28,38 @@ def test_forward_is_the_identity_and_backward_is_the_floor_term_alone():
     torch.testing.assert_close(pushed.grad, explicit.grad)
     # Entries already varying by more than the floor are not pushed.
     assert pushed.grad[:, 4].abs().max() == 0
+
+
+def test_the_projected_push_loses_only_its_part_that_opposes_the_task():
+    """``project``: per column, where the push's gradient and the task's gradient (the gradient
+    received) have a negative dot product over the batch, the push loses its component along the
+    task's gradient; elsewhere it is the plain push."""
+    torch.manual_seed(0)
+    logits = torch.randn(8, 4) * 0.1  # every column below the floor
+    centred = logits - logits.mean(0)
+    plain_push = torch.func.grad(
+        lambda z: 0.05 * (0.5 - (z - z.mean(0)).square().mean(0).add(1e-6).sqrt()).sum()
+    )(logits)
+    # the task's gradient per column: opposing the push, along it, orthogonal to it, zero
+    orthogonal = torch.randn(8)
+    orthogonal -= orthogonal.mean()
+    orthogonal -= (orthogonal @ centred[:, 2]) / centred[:, 2].square().sum() * centred[:, 2]
+    task = torch.stack(
+        [centred[:, 0] + 0.3 * torch.randn(8), -centred[:, 1], orthogonal, torch.zeros(8)], 1
+    )
+    pushed = logits.clone().requires_grad_()
+    DynamismFloor.apply(pushed, 0.5, 0.05, True).backward(task)
+    assert pushed.grad is not None
+    # column 0 opposed (pushing apart against a task pulling together): what is left is
+    # orthogonal to the task's gradient
+    assert plain_push[:, 0] @ task[:, 0] < 0
+    assert abs(float(pushed.grad[:, 0] @ task[:, 0])) < 1e-9
+    expected = (
+        plain_push[:, 0] - (plain_push[:, 0] @ task[:, 0]) / task[:, 0].square().sum() * task[:, 0]
+    )
+    torch.testing.assert_close(pushed.grad[:, 0], expected)
+    # columns 1 (aligned), 2 (orthogonal) and 3 (no task gradient): the plain push
+    torch.testing.assert_close(pushed.grad[:, 1:], plain_push[:, 1:])
 
 
 def test_the_push_reaches_the_generator_and_not_its_inputs():
@@ -92,6 +124,25 @@ def test_kr_convert_sets_the_floor_of_every_generator():
         kr_convert(resnet18(num_classes=4), input_size=32, dynamism_floor=-0.1)
 
 
+def test_the_push_is_projected_by_default_where_a_layer_mixes_several_kernels():
+    """``dynamism_projection="auto"`` (default): projected at 4x, not at 1x; True / False for
+    every layer; a checkpoint record written before the option existed reads False."""
+
+    def projected(**options: object) -> set[bool]:
+        model = kr_convert(resnet18(num_classes=4), input_size=32, **options)
+        return {g.dynamism_projection for g in kernel_generators(model).values()}
+
+    assert projected() == {False}
+    assert projected(kernel_num=4) == {True}
+    assert projected(dynamism_projection=True) == {True}
+    assert projected(kernel_num=4, dynamism_projection=False) == {False}
+    assert KernelGenerator(8, 8, 9, kernel_num=4).dynamism_projection
+    assert not KernelGenerator(8, 8, 9).dynamism_projection
+    assert KRConfig.from_record({"kernel_num": 4}).dynamism_projection is False
+    with pytest.raises(ValueError, match="dynamism_projection must be True, False or 'auto'"):
+        KRConfig(dynamism_projection="yes")
+
+
 def test_gate_range_bounds_the_gates_and_keeps_the_neutral_slope():
     torch.manual_seed(0)
     layer = KRConv2d(4, 4, 3, padding=1, repr_dim=0)
@@ -113,21 +164,24 @@ def test_gate_range_bounds_the_gates_and_keeps_the_neutral_slope():
 
 
 def test_the_floor_makes_a_layer_dynamic_where_the_task_does_not_ask_for_it():
-    """A static target, which opposes any variation: the default layer stays static, the pushed
-    one (here with a weight of 0.5, ten times the default, to win against that loss within a few
-    dozen steps) gives different images different kernels."""
+    """A static target, which opposes any variation: without the push the layer stays static; the
+    plain push (here with a weight of 0.5, 25 times the default, to win against that loss within a
+    few dozen steps) gives different images different kernels. So does the projected push (the
+    default): on each batch it loses only its component along the task's gradient, and the rest,
+    which does not oppose the task to first order, still makes the layer dynamic."""
     torch.manual_seed(0)
     target = torch.nn.Conv2d(8, 8, 3, padding=1)
     x = torch.randn(256, 8, 12, 12)
     with torch.no_grad():
         y = target(x)
 
-    def trained_spread(floor: float) -> float:
+    def trained_spread(floor: float, project: bool = False) -> float:
         torch.manual_seed(1)
         layer = KRConv2d(8, 8, 3, padding=1, repr_dim=0)
         layer.generator.gate_range = 0.5
         layer.generator.dynamism_floor = floor
         layer.generator.dynamism_weight = 0.5
+        layer.generator.dynamism_projection = project
         optimiser = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
         for step in range(60):
             batch = slice(step % 8 * 32, step % 8 * 32 + 32)
@@ -138,7 +192,9 @@ def test_the_floor_makes_a_layer_dynamic_where_the_task_does_not_ask_for_it():
         return attention_statistics(layer, x[:64]).median_spread()
 
     static, pushed = trained_spread(0.0), trained_spread(0.4)
+    projected = trained_spread(0.4, project=True)
     assert static < 0.01 and pushed > 0.05, (static, pushed)
+    assert 0.05 < projected <= pushed, (projected, pushed)
 
 
 def test_the_push_warms_up_over_its_training_passes():

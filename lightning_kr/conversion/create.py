@@ -15,7 +15,7 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedW
 from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
 
 from lightning_kr.config import KRConfig
-from lightning_kr.layers.kernel_generator import KernelGenerator
+from lightning_kr.layers.kernel_generator import KernelGenerator, projects_push
 from lightning_kr.layers.kr_conv import KRConvNd
 from lightning_kr.layers.kr_conv1d import KRConv1d
 from lightning_kr.layers.kr_conv2d import KRConv2d
@@ -160,6 +160,9 @@ def create(module: nn.Module, config: KRConfig, name: str = "?") -> nn.Module:
             generator.gate_range = config.gate_range
             generator.dynamism_floor = config.dynamism_floor
             generator.dynamism_weight = config.dynamism_weight
+            generator.dynamism_projection = projects_push(
+                config.dynamism_projection, generator.kernel_num
+            )
             generator.randomise_heads(scales)  # a no-op for scales of 0
             if config.dynamic_warmup:
                 generator.ramp_in(config.dynamic_warmup)

@@ -61,7 +61,10 @@ whose gradient reaches only the generator's own weights; bounded gates ``1 + r·
 seeds; and random heads (:meth:`randomise_heads`, ``KRConfig.dynamic_init``) ramped in from an exact
 start (:meth:`ramp_in`, ``dynamic_warmup``). The push first also reached the backbone through
 ``h = GAP(x)`` and ``d``: it then cost accuracy (−0.5 points at weight 0.05) for a median spread of
-0.14; kept to the generator, the same floor gives 0.22–0.26 (KR 1x / 4x) at −0.1 / −1.0 points.
+0.14; kept to the generator, the same floor gives 0.22–0.26 (KR 1x / 4x) at −0.1 / −1.0 points
+(three seeds; over ten, −0.9 / −2.7). In layers of several candidate kernels the push gives way
+where it opposes the task's gradient (``dynamism_projection``, see :class:`DynamismFloor`): KR 4x
+−0.84 over the same ten seeds, at the same spread (2026-12-03, docs/learning.md, "Dynamism").
 """
 
 from __future__ import annotations
@@ -88,6 +91,22 @@ DYNAMISM_FLOOR = 0.4
 (``KRConfig.dynamism_floor``; 0: off): see :class:`DynamismFloor` and docs/learning.md, "Dynamism"."""
 DYNAMISM_WEIGHT = 0.02
 """Default weight of that push (``KRConfig.dynamism_weight``)."""
+DYNAMISM_PROJECTION = "auto"
+"""Default ``KRConfig.dynamism_projection``: the push gives way where it opposes the task's
+gradient (see :class:`DynamismFloor`) in layers that mix several candidate kernels, and not in
+layers with one (``"auto"``; :func:`projects_push`)."""
+
+
+def projects_push(projection: bool | str, kernel_num: int) -> bool:
+    """Whether a generator of ``kernel_num`` candidates projects its push
+    (``KRConfig.dynamism_projection``: ``True``, ``False`` or ``"auto"``, which projects where
+    ``kernel_num > 1``: measured, the projection mends the 4x layers and costs the 1x ones; see
+    docs/learning.md, "Dynamism")."""
+    if projection == "auto":
+        return kernel_num > 1
+    return bool(projection)
+
+
 DYNAMISM_WARMUP = 100
 """Default number of training passes over which the push's weight ramps in from zero
 (``KRConfig.dynamism_warmup``, applied by ``kr_convert``; a layer built on its own pushes at full
@@ -95,37 +114,53 @@ weight from its first pass unless :meth:`KernelGenerator.warm_up_dynamism` is ca
 
 
 class DynamismFloor(torch.autograd.Function):
-    """The push towards dynamic attentions: identity in the forward pass; the backward pass ignores
-    the gradient it receives and returns the gradient of ``weight · Σ_j max(0, floor − std_b(z_j))``:
+    """The push towards dynamic attentions: identity in the forward pass; the backward pass returns
+    the gradient of ``weight · Σ_j max(0, floor − std_b(z_j))`` in place of the gradient it receives:
     every attention logit whose standard deviation across the batch's samples is below ``floor`` is
     pushed to vary more, in the directions of variation it already has.
+
+    With ``project`` (``KRConfig.dynamism_projection``; by default in layers of several candidate
+    kernels) the push gives way to the task:
+    the gradient received is the task's gradient on the same logits (see below), and for each logit
+    column where the push's gradient has a negative dot product with it (over the batch), the push
+    loses its component along the task's gradient (PCGrad's projection). What is left never opposes
+    the task to first order, and still makes the layer dynamic: a batch's task gradient on a
+    logit is one direction among the batch's, so most of the push survives even against a task
+    that opposes all variation (a static target; ``tests/test_dynamism_floor.py``).
 
     Shapes: ``logits`` (B, E) → (B, E). :class:`KernelGenerator` applies it to its logits recomputed
     from detached inputs and adds ``pushed - pushed.detach()`` (zeros) to the real logits, so the
     push reaches the generator's own weights and nothing upstream: the backbone features ``h`` and
-    the representation ``d`` receive only the task's gradient. Forward values are untouched (the
-    static function at step 0, evaluation and export unchanged), in any training loop (no loss term
-    to add, no callback). Zero-initialised heads give logits that do not vary at all and receive no
-    push; the first steps of the task's own gradient make them vary a little, and the push then
-    grows that variation to the floor, which the task's loss can steer (which images get which
-    kernel) but not erase.
+    the representation ``d`` receive only the task's gradient; and the zeros, added to the real
+    logits, receive the task's gradient on them. Forward values are untouched (the static function
+    at step 0, evaluation and export unchanged), in any training loop (no loss term to add, no
+    callback). Zero-initialised heads give logits that do not vary at all and receive no push; the
+    first steps of the task's own gradient make them vary a little, and the push then grows that
+    variation to the floor.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, floor: float, weight: float) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, logits: Tensor, floor: float, weight: Tensor | float, project: bool
+    ) -> Tensor:
         ctx.save_for_backward(logits)
-        ctx.floor, ctx.weight = floor, weight
+        ctx.floor, ctx.weight, ctx.project = floor, weight, project
         return logits.view_as(logits)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
         (logits,) = ctx.saved_tensors
         centred = logits - logits.mean(0, keepdim=True)
         std = (centred.square().mean(0, keepdim=True) + 1e-6).sqrt()
         below = (std < ctx.floor).to(logits.dtype)
         # d/dz of -std_j = -(z - mean_j) / (B · std_j)
-        push = centred * (below / (logits.shape[0] * std))
-        return -ctx.weight * push, None, None
+        push = centred * (below / (logits.shape[0] * std)) * -ctx.weight
+        if ctx.project:
+            task = grad.to(push.dtype)
+            dot = (push * task).sum(0, keepdim=True)
+            opposed = dot.clamp(max=0) / task.square().sum(0, keepdim=True).clamp_min(1e-30)
+            push = push - opposed * task
+        return push, None, None, None
 
 
 @dataclass
@@ -230,6 +265,7 @@ class KernelGenerator(nn.Module):
         self.gate_range = GATE_RANGE  # see _gates
         self.dynamism_floor = DYNAMISM_FLOOR  # see DynamismFloor
         self.dynamism_weight = DYNAMISM_WEIGHT
+        self.dynamism_projection = projects_push(DYNAMISM_PROJECTION, kernel_num)
         # The factor the task's loss is multiplied by before backward (a GradScaler's scale over
         # the gradient-accumulation steps): the push is multiplied by it too, so that it keeps its
         # weight against the task once the optimiser sees unscaled gradients. Not saved; set by
@@ -356,8 +392,10 @@ class KernelGenerator(nn.Module):
         if recomputing:
             return step - 1
         if self.training:
-            self.ramp_step.add_(1)
-            return step - 1
+            # out of place: torch.compile's backward may recompute values read from the counter,
+            # and would read a counter changed in place as the next pass's
+            self.ramp_step = step + 1
+            return step
         return step
 
     def _summary_size(self, kind: str, size: int) -> int:
@@ -433,7 +471,9 @@ class KernelGenerator(nn.Module):
         with the batch's statistics (the running ones are not updated twice)."""
         hidden = self._hidden(fused_in.detach(), update_statistics=False)
         logits = F.linear(hidden, weight, bias) * scale
-        pushed = DynamismFloor.apply(logits, self.dynamism_floor, push_weight)
+        pushed = DynamismFloor.apply(
+            logits, self.dynamism_floor, push_weight, self.dynamism_projection
+        )
         return pushed - pushed.detach()
 
     def folded_for_inference(self) -> FoldedGenerator | None:
