@@ -128,8 +128,8 @@ class KRConfig:
             checkpoints without this option trained with). Measured on resnet18, 144 steps on the
             digits, differences to the static network of the same seed (docs/learning.md,
             "Dynamism"): KR 4x −0.85 points with the projection against −2.7 without over ten
-            seeds (four of ten collapsed by 3–8 points without it), the ODConv 4x ablation −0.5
-            against −2.0 (three seeds), at the same spread; but KR 1x −1.1 against −0.9 (ten
+            seeds (four of ten collapsed by 3–8 points without it), the ODConv 4x ablation −0.3
+            against −1.5 (five seeds), at the same spread; but KR 1x −1.1 against −0.9 (ten
             seeds) and the ODConv 1x ablation −2.0 against −0.9 (six seeds), hence ``"auto"``.
         dynamism_warmup: ramp the weight of that push in from zero over this many training forward
             passes, ``dynamism_weight · min(1, t / dynamism_warmup)`` (counted per kernel generator
