@@ -16,6 +16,8 @@ measured with groups. Plain operators, but not checked under ``torch.export``: n
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,6 +25,7 @@ from torch import Tensor
 from lightning_kr.strategies import tracing
 from lightning_kr.strategies.base import ConvStrategy
 from lightning_kr.strategies.geometry import ConvAttentions, ConvGeometry, live_taps
+from lightning_kr.strategies.kept_layouts import kept_layout
 
 
 class CandidateOutputs(ConvStrategy):
@@ -86,6 +89,17 @@ def tap_columns(
     return torch.stack(slices, dim=2).reshape(x.shape[0], x.shape[1], len(taps), oh * ow)
 
 
+def product_kernels(taps: list[int], groups: int, weight: Tensor) -> Tensor:
+    """The candidates (n, C_out, C_in / g, kh, kw), taps ``taps`` only, as the right-hand side of
+    one product over the batch's rows: (g, C_in / g · T', n · C_out / g)."""
+    n, c_out, c_in_g, kh, kw = weight.shape
+    kernels = weight.reshape(n, groups, c_out // groups, c_in_g, kh * kw)
+    if len(taps) < kh * kw:
+        index = torch.tensor(taps, dtype=torch.long, device=weight.device)
+        kernels = kernels.index_select(4, index)
+    return kernels.permute(1, 3, 4, 0, 2).reshape(groups, c_in_g * len(taps), n * (c_out // groups))
+
+
 def candidate_outputs_conv(
     x: Tensor,
     weight: Tensor,
@@ -124,19 +138,17 @@ def candidate_outputs_conv(
     else:
         taps = live_taps((kh, kw), stride, padding, dilation, (height, width), out_hw)
     cols = tap_columns(x, (kh, kw), stride, padding, dilation, out_hw, taps)  # (B, C_in, T', L)
-    kernels = weight.reshape(n, groups, c_out // groups, c_in_g, kh * kw)
-    if len(taps) < kh * kw:
-        index = torch.tensor(taps, dtype=torch.long, device=x.device)
-        kernels = kernels.index_select(4, index)
-        if spatial_att is not None:
-            spatial_att = spatial_att.index_select(1, index)
+    live = len(taps)
+    if live < kh * kw and spatial_att is not None:
+        spatial_att = spatial_att[:, taps]
     if spatial_att is not None:
         cols = cols * spatial_att.to(cols.dtype)[:, None, :, None]
-    live = len(taps)
     # Rows of the whole batch: (g, B·L, C_in/g·T') @ (g, C_in/g·T', n·C_out/g).
     rows = cols.reshape(batch, groups, c_in_g * live, positions).permute(1, 0, 3, 2)
     rows = rows.reshape(groups, batch * positions, c_in_g * live)
-    kernels = kernels.permute(1, 3, 4, 0, 2).reshape(groups, c_in_g * live, n * (c_out // groups))
+    kernels = kept_layout(
+        weight, ("candidate_outputs", tuple(taps), groups), partial(product_kernels, taps, groups)
+    )
     outputs = torch.matmul(rows, kernels.to(rows.dtype))  # (g, B·L, n·C_out/g)
     outputs = outputs.view(groups, batch, positions, n, c_out // groups)
     if kernel_att is None:

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_kr.strategies import tracing
+from lightning_kr.strategies import kept_layouts, tracing
 from lightning_kr.strategies.base import ConvStrategy
 from lightning_kr.strategies.geometry import ConvAttentions, ConvGeometry, tap_offsets, tap_windows
+from lightning_kr.strategies.kept_layouts import kept_layout
 from lightning_kr.strategies.memory import batch_chunks, cast, channels_last_rows, compute_dtype
 from lightning_kr.strategies.unfold import LARGE_MAP_SLOWER, SLOWER
 
@@ -93,9 +94,11 @@ def taps_conv(
     """
     if not tracing.plain_operators():
         dtype = compute_dtype(x)
+        weight = weight.to(dtype)
+        kernels = kept_layout(weight, "taps", tap_kernels) if kept_layouts.keeps() else None
         y = TapsConv.apply(
-            x.to(dtype), weight.to(dtype), *cast(dtype, kernel_att, spatial_att), padding,
-            dilation, out_hw,
+            x.to(dtype), weight, *cast(dtype, kernel_att, spatial_att), padding, dilation,
+            out_hw, kernels,
         )  # fmt: skip
         return y.permute(0, 3, 1, 2)
     batch, c_in, height, width = x.shape
@@ -114,6 +117,13 @@ def taps_conv(
     offsets = tap_offsets((kh, kw), padding, dilation)
     y = shift_sum(partial, spatial_att.to(partial.dtype), offsets, out_hw)
     return y.permute(0, 3, 1, 2)
+
+
+def tap_kernels(weight: Tensor) -> Tensor:
+    """The candidates (n, C_out, C_in, kh, kw) as rows (n, C_in · kh·kw · C_out): for one candidate,
+    the right-hand side ``(C_in, taps · C_out)`` of the product with channels-last rows."""
+    n, c_out, c_in, kh, kw = weight.shape
+    return weight.permute(0, 2, 3, 4, 1).reshape(n, c_in * kh * kw * c_out)
 
 
 def shift_sum(
@@ -146,12 +156,13 @@ class TapsConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, kernel_att, spatial_att, padding, dilation, out_hw):  # type: ignore[override]
+    def forward(ctx, x, weight, kernel_att, spatial_att, padding, dilation, out_hw, kernels=None):  # type: ignore[override]
         batch, c_in, height, width = x.shape
-        n, c_out, _, kh, kw = weight.shape
+        _, c_out, _, kh, kw = weight.shape
         taps = kh * kw
         offsets = tap_offsets((kh, kw), padding, dilation)
-        kernels = weight.permute(0, 2, 3, 4, 1).reshape(n, c_in * taps * c_out)  # (c_in, t, c_out)
+        if kernels is None:  # else kept from an earlier inference call (kept_layouts)
+            kernels = tap_kernels(weight)  # (n, c_in · t · c_out)
         per_sample = height * width * taps * c_out + (0 if kernel_att is None else kernels.shape[1])
         y = x.new_zeros(batch, *out_hw, c_out)
         for chunk in batch_chunks(batch, per_sample, x.element_size()):
@@ -186,7 +197,7 @@ class TapsConv(torch.autograd.Function):
         batch, c_in, height, width = x.shape
         n, c_out, _, kh, kw = weight.shape
         taps = kh * kw
-        kernels = weight.permute(0, 2, 3, 4, 1).reshape(n, c_in * taps * c_out)
+        kernels = tap_kernels(weight)
         grad_x = x.new_empty(batch, height, width, c_in) if need_x else None
         grad_k = torch.zeros_like(kernels) if need_w and kernel_att is not None else None
         grad_tap = x.new_zeros(taps, c_out, c_in) if need_w and kernel_att is None else None
@@ -259,4 +270,4 @@ class TapsConv(torch.autograd.Function):
             grad_weight = grad_k.view(n, c_in, kh, kw, c_out).permute(0, 4, 1, 2, 3).contiguous()
         if grad_x is not None:
             grad_x = grad_x.permute(0, 3, 1, 2)
-        return grad_x, grad_weight, grad_kernel_att, grad_spatial, None, None, None
+        return grad_x, grad_weight, grad_kernel_att, grad_spatial, None, None, None, None
