@@ -78,3 +78,18 @@ def test_a_kept_layout_goes_with_its_weight():
     del weight
     gc.collect()
     assert len(kept_layouts._kept) == 0
+
+
+def test_a_layout_that_is_a_view_does_not_keep_its_weight_alive():
+    """A rearrangement that needs no copy (a view) is kept as a copy: a view would hold its weight
+    and so its own entry (a weight made afresh each call, as ``weight.to(bfloat16)`` under
+    autocast, would then pile up)."""
+    kept_layouts.clear()
+    for _ in range(3):
+        weight = torch.randn(1, 4, 4, 1, 1)
+        with torch.no_grad():
+            flat = kept_layout(weight, "view", lambda w: w.view(-1))
+        assert flat.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+        del weight, flat
+        gc.collect()
+    assert len(kept_layouts._kept) == 0

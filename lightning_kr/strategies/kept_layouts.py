@@ -57,6 +57,8 @@ def kept_layout(weight: Tensor, layout: Hashable, make: Callable[[Tensor], Tenso
         if owner() is weight and version == weight._version and pointer == weight.data_ptr():
             return value
     value = make(weight)
+    if value.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
+        value = value.clone()  # a view would keep its weight alive, and its entry with it
     _kept[key] = (
         weakref.ref(weight, lambda _, key=key: _kept.pop(key, None)),
         weight._version,
