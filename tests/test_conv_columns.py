@@ -121,3 +121,24 @@ def test_a_converted_cnn_under_export_runs_conv_columns(monkeypatch):
         # KRModel.forward(*args) takes the original model's arguments: one tuple of inputs.
         torch.export.export(model, (torch.randn(2, 3, 16, 16),), dynamic_shapes=(({0: batch},),))
     assert recorded and set(recorded) == {"conv_columns"}
+
+
+@pytest.mark.parametrize("kernel_num", [1, 3])
+def test_a_map_where_every_tap_reads_padding_gives_the_bias(kernel_num):
+    """A 1×1 input, stride 2 along the width and padding 1: no output position of that row reads
+    the input, so no tap is live (found by hypothesis; this used to build a convolution with no
+    output channel). The output is the bias, and the attentions stay in the graph with zero
+    gradients, as in every other strategy."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 1, 1, requires_grad=True)
+    weight = torch.randn(kernel_num, 4, 3, 1, 1, requires_grad=True)
+    bias = torch.randn(4, requires_grad=True)
+    filter_att = torch.rand(2, 4, requires_grad=True)
+    kernel_att = torch.softmax(torch.randn(2, kernel_num), 1) if kernel_num > 1 else None
+    att = ConvAttentions(None, filter_att, None, kernel_att)
+    y = conv_columns(x, weight, att, bias, (1, 2), (1, 1), (1, 1), 1, (3, 2))
+    torch.testing.assert_close(y, bias.detach()[None, :, None, None].expand(2, 4, 3, 2))
+    grads = torch.autograd.grad(y.sum(), (x, weight, filter_att, bias), allow_unused=True)
+    assert grads[0] is None or grads[0].abs().max() == 0
+    assert grads[1].abs().max() == 0 and grads[2].abs().max() == 0  # in the graph, zero
+    torch.testing.assert_close(grads[3], torch.full((4,), 12.0))  # 2 samples × 3 × 2 positions

@@ -118,6 +118,8 @@ def conv_columns(
     # Taps that only ever read padding are dropped (on maps smaller than the kernel's reach).
     live = live_taps((kh, kw), stride, padding, dilation, (height, width), out_hw)
     taps = len(live)
+    if not taps:
+        return _padding_only(x, weight, att, bias, out_hw)
     weight = weight.reshape(n, c_out, c_in_g, kh * kw)
     if taps < kh * kw:
         weight = weight[..., live]
@@ -161,6 +163,21 @@ def conv_columns(
     if bias is not None:
         y = y + bias.to(y.dtype)[None, :, None, None]
     return y
+
+
+def _padding_only(
+    x: Tensor, weight: Tensor, att: ConvAttentions, bias: Tensor | None, out_hw: tuple[int, int]
+) -> Tensor:
+    """The output where every tap reads only padding: the bias, (B, C_out, H', W'). Still a
+    function of the weight and the attentions (with zero gradients), as in the other strategies,
+    so that anything hooked on them in backward (the kernel generator's dynamism push) runs
+    alike."""
+    anchor = weight.sum() * 0
+    for attention in att:
+        if attention is not None:
+            anchor = anchor + attention.sum() * 0
+    y = x.new_zeros(x.shape[0], weight.shape[1], *out_hw) + anchor.to(x.dtype)
+    return y if bias is None else y + bias.to(y.dtype)[None, :, None, None]
 
 
 def _rows_over_batch_conv(
