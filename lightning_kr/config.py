@@ -12,6 +12,7 @@ from lightning_kr.layers.kernel_generator import (
     DYNAMISM_PROJECTION,
     DYNAMISM_WARMUP,
     DYNAMISM_WEIGHT,
+    FEATURE_FLOOR,
     GATE_RANGE,
     NORMS,
 )
@@ -45,6 +46,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "gate_range": 1.0,
     "dynamism_warmup": 0,
     "dynamism_projection": False,
+    "feature_floor": 0.0,
 }
 """Options added after checkpoints were written whose default is not what those checkpoints
 computed: a record without the option is read with this value."""
@@ -137,6 +139,21 @@ class KRConfig:
             the task alone and the push then grows the variation the task has started. Default
             100 (without it KR's loss fell slower than the static network's in the 60-step check of
             ``tests/test_learning.py``); 0: the full weight from the first pass.
+        feature_floor: in layers whose fusion has no ``d`` (``mode="odconv"`` and ``"dyconv"``),
+            the kernel generator's input features ``h = GAP(x)`` are amplified to an across-image
+            scale of at least this: ``h · max(1, floor / s)``, ``s`` the running root mean square
+            over features of their standard deviation across the batch (a saved buffer
+            ``feature_scale`` per generator, updated in training like a BatchNorm's running
+            statistics). Default 0.25; 0: off (what checkpoints written without this option
+            computed). Without it, layers whose inputs barely vary between images (a
+            transformer's attention and MLP output projections: across-image std 0.005–0.07)
+            stayed static (a small Swin, ODConv ablation: spread 0.03–0.06, attention
+            projections 0.01–0.04; with it 0.24), and the DyConv ablation on ResNet-18 was less
+            dynamic than ODConv's code (0.125; with it 0.18). With ``d`` (``mode="kr"``) the
+            fusion varies with ``d`` whatever the scale of ``h`` (that small Swin: 0.25–0.27), and
+            amplifying ``h`` saturated most gates after five steps at learning rate 0.1
+            (``tests/test_learning.py``), so KR layers are left as they are. The start stays exact
+            (zero heads). docs/learning.md, "Dynamism".
         dynamic_warmup: ramp the attention logits in over this many training forward passes,
             ``logit · min(1, t / dynamic_warmup)``: with ``dynamic_init`` the converted model is
             then exactly the static one at step 0 (a pretrained conversion keeps its outputs) and
@@ -165,6 +182,7 @@ class KRConfig:
     dynamism_weight: float = DYNAMISM_WEIGHT
     dynamism_projection: bool | str = DYNAMISM_PROJECTION
     dynamism_warmup: int = DYNAMISM_WARMUP
+    feature_floor: float = FEATURE_FLOOR
     strategy: str = "auto"
     include: str | tuple[str, ...] | None = None
     exclude: str | tuple[str, ...] | None = None
@@ -214,7 +232,7 @@ class KRConfig:
             raise ValueError(
                 f"gate_range must be in (0, 1] (gates within 1 ± gate_range); got {self.gate_range!r}"
             )
-        for name in ("dynamism_floor", "dynamism_weight"):
+        for name in ("dynamism_floor", "dynamism_weight", "feature_floor"):
             value = getattr(self, name)
             if not is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0 (0: off); got {value!r}")

@@ -168,4 +168,6 @@ def create(module: nn.Module, config: KRConfig, name: str = "?") -> nn.Module:
                 generator.ramp_in(config.dynamic_warmup)
             if config.dynamism_warmup:
                 generator.warm_up_dynamism(config.dynamism_warmup)
+            if config.feature_floor and not generator.uses_repr:
+                generator.amplify_features(config.feature_floor)
     return layer

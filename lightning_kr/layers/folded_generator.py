@@ -5,7 +5,9 @@ At batch 1 a KR layer's time outside its convolution is the number of small oper
 gradients and in eval mode every step between ``cat[d, h]`` and the attentions is affine or
 elementwise with fixed parameters, so :class:`FoldedGenerator` precomputes:
 
-* the fusion ``Linear`` and the eval-mode ``BatchNorm1d`` after it as one ``Linear``
+* the fusion ``Linear``, the gain of the input features ``h`` in front of it
+  (:meth:`~lightning_kr.layers.kernel_generator.KernelGenerator.amplify_features`) and the
+  eval-mode ``BatchNorm1d`` after it as one ``Linear``
   (``W' = s ⊙ W``, ``b' = s ⊙ (b − μ) + β``, ``s = γ / √(σ² + eps)``; a LayerNorm, per sample,
   stays);
 * every head as one matrix, with the read-out, the temperature and the gates' ``1 / 2r`` folded
@@ -15,7 +17,7 @@ elementwise with fixed parameters, so :class:`FoldedGenerator` precomputes:
 
 Its outputs equal the generator's up to float rounding (tested). It is rebuilt whenever a parameter
 or buffer it read changes (their versions and storage are compared on every call) or one of the
-generator's settings (gate range and scale, read-out, ramp), and used only
+generator's settings (gate range and scale, read-out, ramp, feature floor), and used only
 where nothing needs gradients or a trace: see :meth:`KernelGenerator.forward`.
 """
 
@@ -66,6 +68,11 @@ def fold(generator: nn.Module, key: tuple) -> FoldedGenerator:
     settings), kept to tell when to fold again."""
     with torch.no_grad():
         fuse_weight, fuse_bias = generator.fuse.weight, generator.fuse.bias
+        gain = generator.feature_gain()
+        if gain is not None:  # KernelGenerator.amplify_features: h is the last C_in columns
+            columns = torch.ones(fuse_weight.shape[1], dtype=fuse_weight.dtype)
+            columns[fuse_weight.shape[1] - generator.in_channels :] = gain
+            fuse_weight = fuse_weight * columns.to(fuse_weight.device)
         norm = generator.norm
         if isinstance(norm, nn.BatchNorm1d):
             inv_std = torch.rsqrt(norm.running_var + norm.eps)

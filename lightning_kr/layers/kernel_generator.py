@@ -65,6 +65,13 @@ start (:meth:`ramp_in`, ``dynamic_warmup``). The push first also reached the bac
 (three seeds; over ten, −0.9 / −2.7). In layers of several candidate kernels the push gives way
 where it opposes the task's gradient (``dynamism_projection``, see :class:`DynamismFloor`): KR 4x
 −0.84 over the same ten seeds, at the same spread (2026-12-03, docs/learning.md, "Dynamism").
+
+The input features ``h`` are amplified to an across-image scale of at least ``feature_floor``
+(0.25; :meth:`KernelGenerator.amplify_features`) before the fusion. The BatchNorm's variance floor
+is absolute, so a layer whose inputs barely vary between images (a transformer's attention and MLP
+output projections: across-image std 0.005–0.07) got a hidden vector that did not vary, and where
+the fusion has no ``d`` (ODConv, DyConv) it stayed static however long it trained (a small Swin:
+attention projections at spread 1e-6–0.04; with the floor 0.24).
 """
 
 from __future__ import annotations
@@ -91,6 +98,11 @@ DYNAMISM_FLOOR = 0.4
 (``KRConfig.dynamism_floor``; 0: off): see :class:`DynamismFloor` and docs/learning.md, "Dynamism"."""
 DYNAMISM_WEIGHT = 0.02
 """Default weight of that push (``KRConfig.dynamism_weight``)."""
+FEATURE_FLOOR = 0.25
+"""Default ``KRConfig.feature_floor``: the across-image scale the kernel generator's input
+features ``h`` are amplified to at least (see :meth:`KernelGenerator.amplify_features`); 0: off."""
+FEATURE_MOMENTUM = 0.1
+"""Momentum of the running across-image scale of ``h`` (as a BatchNorm's running statistics)."""
 DYNAMISM_PROJECTION = "auto"
 """Default ``KRConfig.dynamism_projection``: the push gives way where it opposes the task's
 gradient (see :class:`DynamismFloor`) in layers that mix several candidate kernels, and not in
@@ -266,6 +278,7 @@ class KernelGenerator(nn.Module):
         self.dynamism_floor = DYNAMISM_FLOOR  # see DynamismFloor
         self.dynamism_weight = DYNAMISM_WEIGHT
         self.dynamism_projection = projects_push(DYNAMISM_PROJECTION, kernel_num)
+        self.feature_floor = 0.0  # see amplify_features
         # The factor the task's loss is multiplied by before backward (a GradScaler's scale over
         # the gradient-accumulation steps): the push is multiplied by it too, so that it keeps its
         # weight against the task once the optimiser sees unscaled gradients. Not saved; set by
@@ -372,6 +385,53 @@ class KernelGenerator(nn.Module):
             raise ValueError(f"warm_up_dynamism needs passes >= 1; got {passes}")
         self.dynamism_warmup = int(passes)
         self._count_passes()
+
+    def amplify_features(self, floor: float) -> None:
+        """Amplify the input features ``h`` (B, C_in) to an across-image scale of at least
+        ``floor`` before the fusion (``KRConfig.feature_floor``): ``h · max(1, floor / s)``, ``s``
+        the running root mean square over features of ``h``'s standard deviation across the
+        batch (the saved buffer ``feature_scale``; 0 until a training batch of more than one
+        sample has been seen, and then no amplification).
+
+        Why: the BatchNorm's variance floor (``eps = 1``) damps a hidden unit whose variation
+        across images is small in absolute terms, and the push reaches only this generator's
+        weights. Where ``h`` barely varies between images (a transformer's attention output or
+        MLP hidden before its projection: across-image std 0.005–0.07), the hidden vector did
+        not vary, the push had nothing to grow, and without ``d`` (ODConv / DyConv) those layers
+        stayed static (spread 1e-6–0.04 after training; docs/learning.md, "Dynamism"). A
+        ResNet's pooled features vary by 0.1–0.9 once trained and are left as they are."""
+        if floor <= 0:
+            raise ValueError(f"amplify_features needs floor > 0; got {floor}")
+        self.feature_floor = float(floor)
+        if not hasattr(self, "feature_scale"):
+            self.register_buffer("feature_scale", torch.zeros(()), persistent=True)
+
+    def feature_gain(self) -> Tensor | None:
+        """``max(1, floor / s)`` (0-d) for the running scale ``s``; 1 while ``s`` is unmeasured;
+        None when the features are not amplified."""
+        if not self.feature_floor:
+            return None
+        scale = self.feature_scale
+        gain = (self.feature_floor / scale.clamp_min(1e-12)).clamp_min(1.0)
+        return torch.where(scale > 0, gain, torch.ones_like(gain))
+
+    def _amplified(self, h: Tensor) -> Tensor:
+        """``h`` (B, C_in) times :meth:`feature_gain`, the running scale first updated from this
+        batch in training (not by a checkpointed block's recomputation, which reads the value
+        its first pass wrote, nor by a batch of one sample)."""
+        if not self.feature_floor:
+            return h
+        recomputing = not tracing.compiling() and torch._C._current_graph_task_id() != -1
+        if self.training and h.shape[0] > 1 and not recomputing:
+            with torch.no_grad():
+                batch = h.detach().float().std(0).square().mean().sqrt()
+                old = self.feature_scale
+                moved = old * (1 - FEATURE_MOMENTUM) + batch * FEATURE_MOMENTUM
+                # out of place, as the pass counter (see _pass_index)
+                self.feature_scale = torch.where(old > 0, moved, batch).to(old.dtype)
+        gain = self.feature_gain()
+        assert gain is not None
+        return h * gain.detach().to(h.dtype)
 
     def _count_passes(self) -> None:
         if not hasattr(self, "ramp_step"):
@@ -502,7 +562,13 @@ class KernelGenerator(nn.Module):
             if t is not None
         ]
         # the plain attributes the fold reads (set at conversion; a change must refold too)
-        settings = (self.gate_range, self.gate_scale, self.readout, self.ramp_steps)
+        settings = (
+            self.gate_range,
+            self.gate_scale,
+            self.readout,
+            self.ramp_steps,
+            self.feature_floor,
+        )
         key = (*source_key(sources), settings)
         folded: FoldedGenerator | None = self.__dict__.get("_folded")
         if folded is None or folded.key != key:
@@ -511,13 +577,15 @@ class KernelGenerator(nn.Module):
         return folded
 
     def forward(self, h: Tensor, d: Tensor | None) -> Attentions:
+        folded = self.folded_for_inference()
+        if folded is None:
+            h = self._amplified(h)  # the folded generator has the gain in its fusion weight
         if self.uses_repr:
             if d is None:
                 raise ValueError("this KR layer needs a representation d of shape (B, D); got None")
             fused_in = torch.cat([d.to(h.dtype), h], dim=1)
         else:
             fused_in = h
-        folded = self.folded_for_inference()
         if folded is not None:
             values, repr_out = run_folded(folded, fused_in)
             return Attentions.of(dict(zip(self.heads.keys(), values, strict=True)), repr_out)
