@@ -70,9 +70,9 @@ def fold(generator: nn.Module, key: tuple) -> FoldedGenerator:
         fuse_weight, fuse_bias = generator.fuse.weight, generator.fuse.bias
         gain = generator.feature_gain()
         if gain is not None:  # KernelGenerator.amplify_features: h is the last C_in columns
-            columns = torch.ones(fuse_weight.shape[1], dtype=fuse_weight.dtype)
-            columns[fuse_weight.shape[1] - generator.in_channels :] = gain
-            fuse_weight = fuse_weight * columns.to(fuse_weight.device)
+            columns = torch.ones_like(fuse_weight[0])
+            columns[fuse_weight.shape[1] - generator.in_channels :] = gain.to(columns)
+            fuse_weight = fuse_weight * columns
         norm = generator.norm
         if isinstance(norm, nn.BatchNorm1d):
             inv_std = torch.rsqrt(norm.running_var + norm.eps)

@@ -66,12 +66,14 @@ start (:meth:`ramp_in`, ``dynamic_warmup``). The push first also reached the bac
 where it opposes the task's gradient (``dynamism_projection``, see :class:`DynamismFloor`): KR 4x
 −0.84 over the same ten seeds, at the same spread (2026-12-03, docs/learning.md, "Dynamism").
 
-The input features ``h`` are amplified to an across-image scale of at least ``feature_floor``
-(0.25; :meth:`KernelGenerator.amplify_features`) before the fusion. The BatchNorm's variance floor
+Where the fusion has no ``d`` (ODConv, DyConv), the input features ``h`` are amplified to an
+across-image scale of at least ``feature_floor`` (0.25; :meth:`KernelGenerator.amplify_features`)
+before the fusion. The BatchNorm's variance floor
 is absolute, so a layer whose inputs barely vary between images (a transformer's attention and MLP
-output projections: across-image std 0.005–0.07) got a hidden vector that did not vary, and where
-the fusion has no ``d`` (ODConv, DyConv) it stayed static however long it trained (a small Swin:
-attention projections at spread 1e-6–0.04; with the floor 0.24).
+output projections: across-image std 0.005–0.07) got a hidden vector that did not vary, and
+without ``d`` it stayed static however long it trained (a small Swin: attention projections at
+spread 1e-6–0.04; with the floor 0.24). With ``d`` the fusion varies whatever ``h`` does, and the
+gain saturated gates at a large learning rate, so KR layers are left as they are.
 """
 
 from __future__ import annotations
