@@ -144,8 +144,8 @@ class KRConfig:
             scale of at least this: ``h · max(1, floor / s)``, ``s`` the running root mean square
             over features of their standard deviation across the batch (a saved buffer
             ``feature_scale`` per generator, updated in training like a BatchNorm's running
-            statistics). Default 0.25; 0: off (what checkpoints written without this option
-            computed). Without it, layers whose inputs barely vary between images (a
+            statistics), ramped in over the push's warm-up (``dynamism_warmup``). Default 0.25;
+            0: off (what checkpoints written without this option computed). Without it, layers whose inputs barely vary between images (a
             transformer's attention and MLP output projections: across-image std 0.005–0.07)
             stayed static (a small Swin, ODConv ablation: spread 0.03–0.06, attention
             projections 0.01–0.04; with it 0.24), and the DyConv ablation on ResNet-18 was less

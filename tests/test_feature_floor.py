@@ -72,6 +72,37 @@ def test_a_checkpointed_recomputation_reads_the_scale_its_first_pass_wrote():
     assert h.grad is not None and h.grad.abs().sum() > 0
 
 
+def test_the_gain_ramps_in_with_the_push_and_a_recomputation_reads_its_pass():
+    torch.manual_seed(0)
+    generator = KernelGenerator(16, 8, 9, repr_dim=0)
+    generator.amplify_features(0.25)
+    generator.warm_up_dynamism(10)
+    generator.train()
+    small = torch.randn(8, 16) * 0.01
+    generator(small, None)  # pass 0: gain 1 whatever the scale
+    full = 0.25 / generator.feature_scale
+    for _ in range(4):
+        generator(small, None)
+    assert generator.ramp_step.item() == 5
+    torch.testing.assert_close(generator.feature_gain(), 1 + (full - 1) * 0.5)
+    seen = []
+    original = generator._amplified
+
+    def record(h):
+        out = original(h)
+        seen.append(out.detach().clone())
+        return out
+
+    generator._amplified = record
+    h = small.requires_grad_()
+    out = torch.utils.checkpoint.checkpoint(
+        lambda x: generator(x, None).channel, h, use_reentrant=False
+    )
+    out.sum().backward()
+    assert len(seen) == 2  # the pass and its recomputation in backward
+    torch.testing.assert_close(seen[1], seen[0])
+
+
 def test_the_folded_generator_has_the_gain_in_its_fusion():
     torch.manual_seed(0)
     generator = KernelGenerator(40, 24, 9, kernel_num=4, repr_dim=32)

@@ -393,7 +393,8 @@ class KernelGenerator(nn.Module):
         ``floor`` before the fusion (``KRConfig.feature_floor``): ``h · max(1, floor / s)``, ``s``
         the running root mean square over features of ``h``'s standard deviation across the
         batch (the saved buffer ``feature_scale``; 0 until a training batch of more than one
-        sample has been seen, and then no amplification).
+        sample has been seen, and then no amplification), ramped in over the push's warm-up
+        (``KRConfig.dynamism_warmup``; :meth:`feature_gain`).
 
         Why: the BatchNorm's variance floor (``eps = 1``) damps a hidden unit whose variation
         across images is small in absolute terms, and the push reaches only this generator's
@@ -408,19 +409,25 @@ class KernelGenerator(nn.Module):
         if not hasattr(self, "feature_scale"):
             self.register_buffer("feature_scale", torch.zeros(()), persistent=True)
 
-    def feature_gain(self) -> Tensor | None:
-        """``max(1, floor / s)`` (0-d) for the running scale ``s``; 1 while ``s`` is unmeasured;
-        None when the features are not amplified."""
+    def feature_gain(self, step: Tensor | None = None) -> Tensor | None:
+        """``max(1, floor / s)`` (0-d) for the running scale ``s`` (1 while ``s`` is unmeasured),
+        ramped in over the push's warm-up (:meth:`warm_up_dynamism`) as
+        ``1 + (gain − 1) · min(1, t / passes)``, ``t`` = ``step`` or, by default, the passes
+        counted so far; None when the features are not amplified."""
         if not self.feature_floor:
             return None
         scale = self.feature_scale
         gain = (self.feature_floor / scale.clamp_min(1e-12)).clamp_min(1.0)
-        return torch.where(scale > 0, gain, torch.ones_like(gain))
+        gain = torch.where(scale > 0, gain, torch.ones_like(gain))
+        if self.dynamism_warmup:
+            count = self.ramp_step if step is None else step
+            gain = 1.0 + (gain - 1.0) * (count.to(gain.dtype) / self.dynamism_warmup).clamp(max=1.0)
+        return gain
 
     def _amplified(self, h: Tensor) -> Tensor:
         """``h`` (B, C_in) times :meth:`feature_gain`, the running scale first updated from this
-        batch in training (not by a checkpointed block's recomputation, which reads the value
-        its first pass wrote, nor by a batch of one sample)."""
+        batch in training (not by a checkpointed block's recomputation, which reads the scale and
+        the pass count its first pass saw, nor by a batch of one sample)."""
         if not self.feature_floor:
             return h
         recomputing = not tracing.compiling() and torch._C._current_graph_task_id() != -1
@@ -431,7 +438,10 @@ class KernelGenerator(nn.Module):
                 moved = old * (1 - FEATURE_MOMENTUM) + batch * FEATURE_MOMENTUM
                 # out of place, as the pass counter (see _pass_index)
                 self.feature_scale = torch.where(old > 0, moved, batch).to(old.dtype)
-        gain = self.feature_gain()
+        step = None
+        if self.dynamism_warmup and self.training and recomputing:
+            step = self.ramp_step - 1  # the first pass read the count before counting itself
+        gain = self.feature_gain(step)
         assert gain is not None
         return h * gain.detach().to(h.dtype)
 
