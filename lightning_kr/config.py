@@ -148,10 +148,10 @@ class KRConfig:
             0: off (what checkpoints written without this option computed). Without it, layers whose inputs barely vary between images (a
             transformer's attention and MLP output projections: across-image std 0.005–0.07)
             stayed static (a small Swin, ODConv ablation: spread 0.03–0.06, attention
-            projections 0.01–0.04; with it 0.24), and the DyConv ablation on ResNet-18 was less
-            dynamic than ODConv's code (0.125; with it 0.18). With ``d`` (``mode="kr"``) the
+            projections 0.01–0.04; with it 0.23–0.25), and the DyConv ablation on ResNet-18 was less
+            dynamic than ODConv's code (0.125; with it 0.19). With ``d`` (``mode="kr"``) the
             fusion varies with ``d`` whatever the scale of ``h`` (that small Swin: 0.25–0.27), and
-            amplifying ``h`` saturated most gates after five steps at learning rate 0.1
+            amplifying ``h`` from the first step saturated most gates after five steps at learning rate 0.1
             (``tests/test_learning.py``), so KR layers are left as they are. The start stays exact
             (zero heads). docs/learning.md, "Dynamism".
         dynamic_warmup: ramp the attention logits in over this many training forward passes,
