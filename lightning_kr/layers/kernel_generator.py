@@ -432,7 +432,7 @@ class KernelGenerator(nn.Module):
         the pass count its first pass saw, nor by a batch of one sample)."""
         if not self.feature_floor:
             return h
-        recomputing = not tracing.compiling() and torch._C._current_graph_task_id() != -1
+        recomputing = self._recomputing()
         if self.training and h.shape[0] > 1 and not recomputing:
             with torch.no_grad():
                 batch = h.detach().float().std(0).square().mean().sqrt()
@@ -441,7 +441,7 @@ class KernelGenerator(nn.Module):
                 # out of place, as the pass counter (see _pass_index)
                 self.feature_scale = torch.where(old > 0, moved, batch).to(old.dtype)
         step = None
-        if self.dynamism_warmup and self.training and recomputing:
+        if self.dynamism_warmup and recomputing:
             step = self.ramp_step - 1  # the first pass read the count before counting itself
         gain = self.feature_gain(step)
         assert gain is not None
@@ -450,6 +450,11 @@ class KernelGenerator(nn.Module):
     def _count_passes(self) -> None:
         if not hasattr(self, "ramp_step"):
             self.register_buffer("ramp_step", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def _recomputing(self) -> bool:
+        """Whether this training pass runs inside backward: a checkpointed block's recomputation,
+        which must read what its first pass read and count nothing again."""
+        return self.training and not tracing.compiling() and torch._C._current_graph_task_id() != -1
 
     def _pass_index(self) -> Tensor | None:
         """The index of this training pass (a 0-d tensor), counting it; None when nothing counts.
@@ -460,10 +465,7 @@ class KernelGenerator(nn.Module):
         if not (self.ramp_steps or (self.dynamism_warmup and self.training)):
             return None
         step = self.ramp_step
-        recomputing = (
-            self.training and not tracing.compiling() and torch._C._current_graph_task_id() != -1
-        )
-        if recomputing:
+        if self._recomputing():
             return step - 1
         if self.training:
             # out of place: torch.compile's backward may recompute values read from the counter,
