@@ -33,6 +33,7 @@ from lightning_kr.conversion.decide import Targets, decide
 from lightning_kr.conversion.plan import ConversionPlan
 from lightning_kr.conversion.probe import Probe, probe
 from lightning_kr.conversion.targets import matches
+from lightning_kr.conversion.weights import start_note, weights_are_trained
 from lightning_kr.kr_model import KRModel
 from lightning_kr.layers.kr_layer import KRLayer
 from lightning_kr.models import BUILDER_ATTRIBUTE
@@ -53,6 +54,10 @@ def kr_convert(
     **overrides: Any,
 ) -> KRModel:
     """Convert ``model`` into a :class:`KRModel`.
+
+    Trained weights (BatchNorm running statistics) get attention heads that start random and ramp
+    in from the static function, fresh ones zero heads (``KRConfig.dynamic_init``, decided by
+    :func:`~lightning_kr.conversion.weights.weights_are_trained` unless set).
 
     Every convolution (1-, 2-, 3-D), ``Linear``, self-attention ``MultiheadAttention`` and Swin
     window attention that runs with the batch on its first dimension becomes a KR layer, except the
@@ -185,12 +190,21 @@ def apply_plan(
     report: ConversionReport | None = None,
 ) -> KRModel:
     """Steps 3 and 4: replace the modules of ``plan.replace`` in ``model`` (in place) by their KR
-    layers and wrap it in a :class:`KRModel`, as the plan says. ``report`` (its skipped modules
-    and probe facts) is completed with the replaced modules and the parameter counts."""
+    layers and wrap it in a :class:`KRModel`, as the plan says. ``dynamic_init`` /
+    ``dynamic_warmup`` left at None are decided by ``model``'s weights (:meth:`KRConfig.for_weights`).
+    ``report`` (its skipped modules and probe facts) is completed with the replaced modules, the
+    parameter counts and how the heads start."""
     report = report if report is not None else ConversionReport()
     report.decisions = [d for d in report.decisions if d.action != "replaced"]
     report.notes = []
     report.params_before = count_parameters(model)
+
+    # how the attention heads start, where the config leaves it to the weights
+    trained = weights_are_trained(model)
+    start = start_note(trained, config.dynamic_init, config.dynamic_warmup)
+    if start is not None:
+        report.notes.append(start)
+    config = config.for_weights(bool(trained))
 
     # 3. create and 4. replace
     for name in plan.replace:

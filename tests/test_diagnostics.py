@@ -65,7 +65,10 @@ def test_dynamic_init_makes_every_image_get_its_own_kernel_from_the_start():
             assert row["spread"] > 0.15
         else:
             assert row["spread"] == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError, match="dynamic_init must be a number >= 0 or a mapping"):
+    with pytest.raises(
+        ValueError,
+        match=r"dynamic_init must be None \(by the weights\), a number >= 0 or a mapping",
+    ):
         kr_convert(resnet18(num_classes=4), input_size=32, dynamic_init={"spatia": 1.0})
 
 
