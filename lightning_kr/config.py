@@ -108,8 +108,8 @@ class KRConfig:
             function exactly and the push makes it dynamic). None (default): by the weights, with
             ``dynamic_warmup`` (both None): :data:`PRETRAINED_DYNAMIC_INIT` (0.5) ramped in over
             :data:`PRETRAINED_DYNAMIC_WARMUP` (36) passes where the model's weights are trained
-            (:func:`~lightning_kr.conversion.weights.weights_are_trained`: its BatchNorms have
-            running statistics), 0 and 0 where they are fresh or cannot tell (no BatchNorm);
+            (:func:`~lightning_kr.conversion.weights.weights_are_trained`: its normalisation
+            layers are not as constructed), 0 and 0 where they are fresh or cannot tell (no norm);
             where only one is set, the other is 0.
             Measured fine-tuning a trained ResNet-18 on the digits, five seeds: KR 1x 97.6 %
             (spread 0.21–0.23) with random heads ramped in, 94.3 % (0.13–0.19; one seed 88.1 %)
@@ -168,7 +168,9 @@ class KRConfig:
             fusion varies with ``d`` whatever the scale of ``h`` (that small Swin: 0.25–0.27), and
             amplifying ``h`` from the first step saturated most gates after five steps at learning rate 0.1
             (``tests/test_learning.py``), so KR layers are left as they are. The start stays exact
-            (zero heads). docs/learning.md, "Dynamism".
+            (zero heads). The ODConv 4x ablation on ResNet-18 collapsed in two of ten seeds with
+            it (−19.9, −10.6 points) and in none without: compare against that ablation on a CNN
+            with ``feature_floor=0``. docs/learning.md, "Dynamism".
         dynamic_warmup: ramp the attention logits in over this many training forward passes,
             ``logit · min(1, t / dynamic_warmup)``: with ``dynamic_init`` the converted model is
             then exactly the static one at step 0 (a pretrained conversion keeps its outputs) and

@@ -55,7 +55,7 @@ def kr_convert(
 ) -> KRModel:
     """Convert ``model`` into a :class:`KRModel`.
 
-    Trained weights (BatchNorm running statistics) get attention heads that start random and ramp
+    Trained weights (normalisation layers not as constructed) get attention heads that start random and ramp
     in from the static function, fresh ones zero heads (``KRConfig.dynamic_init``, decided by
     :func:`~lightning_kr.conversion.weights.weights_are_trained` unless set).
 

@@ -1,9 +1,10 @@
 """How the attention heads start is decided by the weights (``lightning_kr.conversion.weights``).
 
 ``kr_convert(model)`` with ``dynamic_init`` / ``dynamic_warmup`` left at None: fresh weights (every
-BatchNorm as constructed) get zero heads; trained weights (BatchNorm running statistics) get random
-heads ramped in over 36 training passes from the static function; a model without BatchNorm cannot
-tell, gets zero heads, and its report says how to ask for the other start.
+normalisation layer as constructed) get zero heads; trained weights (BatchNorm running statistics,
+LayerNorm / GroupNorm weights that vary) get random heads ramped in over 36 training passes from the
+static function; a model without a normalisation layer cannot tell, gets zero heads, and its report
+says how to ask for the other start.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torchvision.models import resnet18
+from torchvision.models import VisionTransformer, resnet18
 
 from lightning_kr import KRConfig, KRModel, attention_statistics, kr_convert
 from lightning_kr.conversion.weights import weights_are_trained
@@ -44,6 +45,22 @@ def test_fresh_and_trained_batchnorms_are_told_apart():
     assert weights_are_trained(no_norm) is None
     untracked = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False))
     assert weights_are_trained(untracked) is None
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(8), nn.GroupNorm(2, 8)])
+def test_layer_and_group_norms_tell_too(norm):
+    """Transformers have no BatchNorm: their norms' weights are one constant until trained (1, or
+    0 where a model zero-initialises a post-norm, as timm's SwinV2)."""
+    model = nn.Sequential(nn.Linear(8, 8), norm)
+    assert weights_are_trained(model) is False
+    with torch.no_grad():
+        norm.weight.zero_()
+    assert weights_are_trained(model) is False
+    with torch.no_grad():
+        norm.weight[0] = 0.5
+    assert weights_are_trained(model) is True
+    fresh_vit = VisionTransformer(32, 8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+    assert weights_are_trained(fresh_vit) is False
 
 
 def test_fresh_weights_start_with_zero_heads():
@@ -81,7 +98,7 @@ def test_options_set_by_the_user_are_kept():
     assert KRConfig(dynamic_warmup=10).for_weights(True).dynamic_init == 0.0
 
 
-def test_a_model_without_batchnorm_says_how_to_start_random_heads():
+def test_a_model_without_normalisation_says_how_to_start_random_heads():
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
@@ -103,3 +120,19 @@ def test_the_decided_start_is_saved_and_a_rebuild_must_match_it(tmp_path):
     kr_convert(resnet18(num_classes=4), input_size=32, dynamic_warmup=36).load_state_dict(
         model.state_dict()
     )
+
+
+def test_a_trained_transformer_starts_random_from_its_own_function():
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        32, 8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=4
+    )
+    assert kr_convert(copy.deepcopy(vit), input_size=32).config.dynamic_warmup == 0
+    with torch.no_grad():  # as training leaves them
+        for norm in (m for m in vit.modules() if isinstance(m, nn.LayerNorm)):
+            norm.weight.add_(0.1 * torch.randn_like(norm.weight))
+    model = kr_convert(copy.deepcopy(vit), input_size=32)
+    assert (model.config.dynamic_init, model.config.dynamic_warmup) == (0.5, 36)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), vit.eval()(images), rtol=1e-4, atol=1e-5)
