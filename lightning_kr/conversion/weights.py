@@ -1,4 +1,5 @@
-"""Before step 1 of ``kr_convert``: are the model's weights trained, or fresh from its constructor?
+"""Before step 3 of ``kr_convert`` (create): are the model's weights trained, or fresh from its
+constructor?
 
 A converted network starts as the static one either way; what differs is how its attention heads
 should start (``KRConfig.dynamic_init`` / ``dynamic_warmup`` left at None are decided here). From
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from lightning_kr.config import PRETRAINED_DYNAMIC_INIT, PRETRAINED_DYNAMIC_WARMUP
 
 AFFINE_NORMS: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
@@ -67,15 +70,16 @@ def start_note(trained: bool | None, config_init: object, config_warmup: object)
     options left at None); None where the user set either."""
     if config_init is not None or config_warmup is not None:
         return None
+    random = f"dynamic_init={PRETRAINED_DYNAMIC_INIT}, dynamic_warmup={PRETRAINED_DYNAMIC_WARMUP}"
     if trained:
         return (
-            "trained weights (normalisation layers not as constructed): attention heads start random "
-            "(dynamic_init=0.5) and ramp in over 36 training passes (dynamic_warmup=36), from "
-            "the static function; pass dynamic_init=0, dynamic_warmup=0 for zero heads"
+            "trained weights (normalisation layers not as constructed): attention heads start "
+            f"random and ramp in from the static function ({random}); pass dynamic_init=0, "
+            "dynamic_warmup=0 for zero heads"
         )
     if trained is None:
         return (
             "no normalisation layer to tell trained weights from fresh ones: attention heads start "
-            "at zero; when fine-tuning pretrained weights pass dynamic_init=0.5, dynamic_warmup=36"
+            f"at zero; when fine-tuning pretrained weights pass {random}"
         )
     return None
